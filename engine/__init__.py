@@ -1,0 +1,1 @@
+"""The DeepSpeed training engine (installed as loctex.engine)."""

@@ -1,0 +1,5 @@
+import sys
+
+from loctex.cli import main
+
+sys.exit(main())
