@@ -80,7 +80,11 @@ def localization_divergence(P, log_A, loss_type: str):
     Sums run over grid cells; the caller averages over valid tokens.
     """
     if loss_type == "kl":
-        return (torch.xlogy(P, P) - P * log_A).sum(-1)
+        # P log P with 0 log 0 = 0 *and a finite gradient*: cells where a far-away trace underflows
+        # to exactly 0 are common, and xlogy's gradient there is 0/0 = NaN (for points/weights).
+        positive = P > 0
+        p_log_p = torch.where(positive, P * torch.where(positive, P, torch.ones_like(P)).log(), 0.0)
+        return (p_log_p - P * log_A).sum(-1)
     if loss_type == "ce":
         return -(P * log_A).sum(-1)
     if loss_type == "l1":
@@ -107,7 +111,8 @@ def trace_attention_loss(q, k, points_xy, point_weights, token_ranges, loc_mask,
         raise ValueError(f"k has {k.shape[1]} cells but grid_hw={tuple(grid_hw)}")
     P, valid = render_traces(points_xy, point_weights, token_ranges, grid_hw, sigma)
     log_A = torch.log_softmax(attention_logits(q, k, scale), dim=-1)
-    P = P.reshape(B, L, -1).to(log_A.dtype)
+    dtype = torch.promote_types(P.dtype, log_A.dtype)  # float64 if any floating input is
+    P, log_A = P.reshape(B, L, -1).to(dtype), log_A.to(dtype)
     per_token = localization_divergence(P, log_A, loss_type)
     valid = valid & loc_mask.bool()
     n = valid.sum()

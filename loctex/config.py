@@ -121,11 +121,18 @@ class ConfigError(ValueError):
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        return tuple(_coerce(v, t, key) for v, t in zip(value, typing.get_args(typ)))
+        args = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}': expected a list of {len(args)}, got {value!r}")
+        return tuple(_coerce(v, t, key) for v, t in zip(value, args))
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string; accept what float() accepts
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. train.resume=12 from the command line
     if typ in (int, float, str, bool) and not isinstance(value, typ):
@@ -179,6 +186,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{dotted}': {value!r} is not one of {sorted(allowed)}")
     if cfg.loss.localization_weight < 0:
         raise ConfigError("config key 'loss.localization_weight' must be >= 0")
+    text = cfg.model.text
+    if text.width % text.heads:
+        raise ConfigError(f"config key 'model.text.width': {text.width} is not divisible by "
+                          f"model.text.heads={text.heads}")
+    if cfg.data.max_tokens > text.max_positions:
+        raise ConfigError(f"config key 'data.max_tokens': {cfg.data.max_tokens} exceeds "
+                          f"model.text.max_positions={text.max_positions}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -1,0 +1,347 @@
+"""The training loop: DeepSpeed engine, data per rank, checkpoints, signals, logging, validation.
+
+One optimizer step = ``train.gradient_accumulation_steps`` micro-batches per rank; DeepSpeed
+accumulates and steps at the boundary. Everything that must agree across ranks (stopping on a
+signal, saving) is decided collectively, so a signal that reaches one rank first cannot hang the
+others.
+
+Preemption: SIGTERM / SIGINT set a flag; the step in flight finishes, every rank learns of it at the
+next step boundary (one all-reduce of a flag per step), a checkpoint is saved and the process exits 0.
+A second signal while saving is ignored (the save is what the first one asked for).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from loctex.config import Config, save_config, to_dict
+
+from . import checkpoint as ckpt
+from . import ds_config
+from .metrics import MetricsLogger
+from .optim import build_optimizer, build_scheduler
+from .validate import attention_grid, validate
+
+log = logging.getLogger("loctex.engine")
+
+
+def _patch_deepspeed_scalar_broadcast() -> None:
+    """DeepSpeed (0.19) broadcasts every parameter at start-up as ``p.data.view(torch.uint8)``,
+    which fails for 0-dim parameters such as the logit scale. Give those a 1-element shape for the
+    broadcast only (a view: the broadcast writes into the parameter's own storage)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    original = DeepSpeedEngine._broadcast_model
+    if getattr(original, "_loctex_patched", False):
+        return
+
+    def _broadcast_model(self):
+        scalars = [p for p in self.module.parameters() if p.dim() == 0]
+        for p in scalars:
+            p.data = p.data.reshape(1)
+        try:
+            original(self)
+        finally:
+            for p in scalars:
+                p.data = p.data.reshape(())
+
+    _broadcast_model._loctex_patched = True
+    DeepSpeedEngine._broadcast_model = _broadcast_model
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT; the loop polls it at step boundaries."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist
+
+
+def _any_rank(flag: bool, device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    _dist().all_reduce(t, op=_dist().ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Data:
+    """What the loop needs from the data layer (loctex.data): per-rank loaders and the tokenizer."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        from loctex.data import build_loader
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self._build_loader = build_loader
+        self.tokenizer = _load_tokenizer(cfg)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def pad_token_id(self):
+        return self.tokenizer.token_to_id("[PAD]")
+
+    def decode(self, token_id: int) -> str:
+        return self.tokenizer.id_to_token(int(token_id)) or f"#{token_id}"
+
+    def train_loader(self, epoch: int, start_step: int):
+        return self._build_loader(self.cfg, self.cfg.data.prepared, train=True, rank=self.rank,
+                                  world_size=self.world_size, epoch=epoch, start_step=start_step)
+
+    def val_loader(self):
+        if not self.cfg.data.val_prepared:
+            return None
+        return self._build_loader(self.cfg, self.cfg.data.val_prepared, train=False,
+                                  rank=self.rank, world_size=self.world_size)
+
+
+def _load_tokenizer(cfg: Config):
+    from tokenizers import Tokenizer
+    path = cfg.model.tokenizer or os.path.join(cfg.data.prepared, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer {path} not found (set model.tokenizer or data.prepared)")
+    return Tokenizer.from_file(path)
+
+
+def _batches_per_epoch(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, deepspeed_config: str | None = None):
+        import deepspeed
+        _patch_deepspeed_scalar_broadcast()
+        self.cfg = cfg
+        dist = _dist()
+        self.on_cuda = torch.cuda.is_available()
+        deepspeed.init_distributed(dist_backend="nccl" if self.on_cuda else "gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if self.on_cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+
+        ds = (ds_config.load(deepspeed_config, cfg, self.world_size, self.on_cuda) if deepspeed_config
+              else ds_config.generate(cfg, self.world_size, self.on_cuda))
+        ds_config.sync_config(cfg, ds, self.world_size)
+        self.ds = ds
+
+        self.data = Data(cfg, self.rank, self.world_size)
+        torch.manual_seed(cfg.seed)  # identical initialization on every rank
+        from loctex.models import build_model
+        self.model_args = {"vocab_size": self.data.vocab_size, "pad_token_id": self.data.pad_token_id}
+        model = build_model(cfg, **self.model_args)
+        kwargs = {}
+        if "optimizer" not in ds:  # a passed-through JSON may bring its own optimizer/scheduler
+            optimizer = build_optimizer(model, cfg, self.on_cuda)
+            kwargs["optimizer"] = optimizer
+            if "scheduler" not in ds:
+                kwargs["lr_scheduler"] = build_scheduler(optimizer, cfg)
+        else:
+            from .optim import param_groups
+            kwargs["model_parameters"] = param_groups(model, cfg)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, config=ds, **kwargs)
+        # dropout etc. differ per rank; data order comes from the loader's own seeding
+        torch.manual_seed(cfg.seed * 1000 + self.rank + 1)
+
+        self.state = ckpt.TrainState()
+        target = ckpt.resume_target(cfg)
+        if target is not None:
+            self.state = ckpt.load(self.engine, target, self.rank, self.world_size, cfg)
+            self._info(f"resumed from {target} at step {self.state.step} (epoch {self.state.epoch}, "
+                       f"batch {self.state.data_position})")
+        elif cfg.train.resume == "auto":
+            self._info("no checkpoint to resume from: starting from scratch")
+
+        self.global_batch = self.world_size * cfg.train.micro_batch_size
+        self.images_per_step = self.global_batch * cfg.train.gradient_accumulation_steps
+        if self.rank == 0:
+            run = Path(cfg.run_dir)
+            save_config(cfg, run / "config.yaml")
+            (run / "ds_config.json").write_text(json.dumps(ds, indent=1) + "\n")
+        self.logger = MetricsLogger(cfg.run_dir, self.rank, cfg.train.max_steps, self.state.step,
+                                    self.global_batch, self.images_per_step)
+        self.stop = StopFlag()
+
+    def _info(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"[loctex] {text}", flush=True)
+
+    # ---- data ----------------------------------------------------------------------------------
+    def _micro_batches(self):
+        """This rank's micro-batches from the checkpointed position on, across epochs; keeps
+        ``state.epoch`` / ``state.data_position`` current (position = batches consumed)."""
+        while True:
+            loader = self.data.train_loader(self.state.epoch, self.state.data_position)
+            n = _batches_per_epoch(loader)
+            if n is not None:
+                lo_hi = torch.tensor([-n, n], dtype=torch.float64, device=self.device)
+                _dist().all_reduce(lo_hi, op=_dist().ReduceOp.MAX)
+                if -lo_hi[0] != lo_hi[1]:
+                    raise RuntimeError(f"ranks have different batch counts per epoch "
+                                       f"({int(-lo_hi[0])}..{int(lo_hi[1])}): the loader must shard evenly")
+            # the loader draws its worker seeds from the global RNG unless it has a generator; keep
+            # those draws out of the model's RNG stream so that a resumed run draws what an
+            # uninterrupted one does
+            with torch.random.fork_rng(devices=[]):
+                it = iter(loader)
+            got = False
+            for batch in it:
+                got = True
+                self.state.data_position += 1
+                yield batch
+            if not got and self.state.data_position == 0:
+                raise RuntimeError("the training loader yields no batch (too few images for "
+                                   "world size x micro-batch?)")
+            self.state.epoch += 1
+            self.state.data_position = 0
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self) -> int:
+        cfg, t = self.cfg, self.cfg.train
+        engine = self.engine
+        self.stop.install()
+        engine.train()
+        batches = self._micro_batches()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, con, loc, count
+        self._info(f"training: world {self.world_size}, micro-batch {t.micro_batch_size}, "
+                   f"accumulation {t.gradient_accumulation_steps}, global batch {self.global_batch}, "
+                   f"zero {cfg.zero.stage}, {cfg.precision}, steps {self.state.step}->{t.max_steps}")
+        step_start = time.perf_counter()
+        self.step_times: list[float] = []
+        stopped = 0
+        while self.state.step < t.max_steps:
+            lrs = self._lrs()  # the lr this step uses (the scheduler moves it at the step)
+            for _ in range(t.gradient_accumulation_steps):
+                batch = _to_device(next(batches), self.device)
+                out = engine(batch)
+                engine.backward(out["loss"])
+                engine.step()
+                sums += torch.stack([out["loss"].detach().double(), out["loss_contrastive"].detach().double(),
+                                     out["loss_localization"].detach().double(),
+                                     torch.ones((), dtype=torch.float64, device=self.device)])
+            self.state.step += 1
+            self.state.samples_seen += self.images_per_step
+            now = time.perf_counter()
+            self.step_times.append(now - step_start)
+            step_start = now
+            step = self.state.step
+            self.logger.step_done(step)
+
+            if step % t.log_every == 0 or step == t.max_steps:
+                self._log(step, sums, lrs)
+                sums.zero_()
+            if _any_rank(self.stop.signum != 0, self.device):
+                stopped = self.stop.signum or signal.SIGTERM
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                self._info(f"signal {signal.Signals(stopped).name}: saving step {step} and exiting")
+                self._save()
+                break
+            if step % t.checkpoint_every == 0 or step == t.max_steps:
+                self._save()
+            if step < t.max_steps and self._due(step, t.val_every, t.vis_every):
+                self._validate(step, grid=self._due(step, 0, t.vis_every))
+            step_start = time.perf_counter()  # validation and saving are not step time
+        if not stopped:
+            self.summary = self._validate(self.state.step, grid=True, final=True)
+        self.logger.close()
+        self.stop.restore()
+        return 0
+
+    @staticmethod
+    def _due(step: int, *everies: int) -> bool:
+        return any(e > 0 and step % e == 0 for e in everies)
+
+    def _lrs(self) -> dict:
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+
+    def _log(self, step: int, sums: torch.Tensor, lrs: dict) -> None:
+        s = sums.clone()
+        _dist().all_reduce(s)
+        count = max(float(s[3]), 1.0)
+        values = {"loss": float(s[0]) / count, "loss_contrastive": float(s[1]) / count,
+                  "loss_localization": float(s[2]) / count,
+                  "lr": lrs.get("visual", next(iter(lrs.values())))}
+        if "textual" in lrs:
+            values["lr_text"] = lrs["textual"]
+        self.logger.log(step, values)
+
+    def _save(self) -> None:
+        t0 = time.perf_counter()
+        path = ckpt.save(self.engine, self.cfg, self.state, self.rank, self.world_size,
+                         self.model_args)
+        self._info(f"checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+
+    def _validate(self, step: int, grid: bool, final: bool = False) -> dict | None:
+        loader = self.data.val_loader()
+        if loader is None:
+            return None
+        metrics, sample = validate(self.engine, loader, self.cfg, self.device,
+                                   keep_for_grid=6 if grid else 0)
+        self.logger.log_val(step, metrics)
+        if self.rank == 0 and sample is not None:
+            png = Path(self.cfg.run_dir) / "attention" / f"step_{step:08d}.png"
+            attention_grid(sample, png, decode=self.data.decode,
+                           title=f"step {step}: attention (left) vs rendered trace (right)")
+            self.logger.image("val/attention", png, step)
+        if final and self.rank == 0:
+            summary = {"step": step, **metrics, "run_dir": str(self.cfg.run_dir),
+                       "seconds_per_step_median": _median(self.step_times)}
+            Path(self.cfg.run_dir, "eval_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return metrics
+
+    def close(self) -> None:
+        dist = _dist()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()  # without it gloo threads can abort the exit (ZeRO-2)
+
+
+def _median(xs: list[float]) -> float:
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    return s[len(s) // 2]
+
+
+def train(cfg: Config, deepspeed_config: str | None = None) -> int:
+    trainer = Trainer(cfg, deepspeed_config)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+__all__ = ["Trainer", "train", "to_dict"]

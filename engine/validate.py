@@ -1,0 +1,186 @@
+"""Periodic validation and the attention-map PNG grid.
+
+Every rank runs the model on its shard of the validation set (ZeRO-3 needs every rank in each
+forward), with equal batch counts on all ranks (the last incomplete global batch is left out, so
+the contrastive loss sees the training global batch). Reported:
+
+    val_loss, val_loss_contrastive, val_loss_localization   means over the validation batches
+    i2t_r1, i2t_r5, t2i_r1, t2i_r5    image->text and text->image retrieval recall@1/5 over the
+                                      whole validation set (a caption of the same image counts)
+    loc_acc                           localization (pointing) accuracy: the fraction of target tokens
+                                      whose attention arg-max cell lies in the half-mass set of their
+                                      rendered trace (``loctex.eval.metrics.pointing_hits``)
+    val_images                        how many images were scored
+
+``attention_grid`` draws, for the first validation images, the image with its whole trace and,
+for a few words of its caption, the word's attention map beside its rendered trace (matplotlib Agg).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import loctex.kernels as K
+from loctex.eval.metrics import pointing_hits, recall_at_k
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+# words not worth showing in the grid (they have traces, but rarely a place)
+STOPWORDS = {"a", "an", "the", "and", "of", "in", "on", "is", "are", "with", "this", "that", "to",
+             "it", "at", "we", "can", "see", "there", "which", "its", "some", "image", "picture",
+             "in this", "i", "left", "right", "side", "top", "bottom", "background"}
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out, 0)
+
+
+def _all_mean(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validate(model, batches, cfg, device, keep_for_grid: int = 0) -> tuple[dict, dict | None]:
+    """Run the validation ``batches`` (this rank's, equally many on every rank) through ``model``
+    (the DeepSpeed engine or a plain module). Returns (metrics, grid sample or None): the sample holds
+    the first ``keep_for_grid`` items of this rank's first batch for ``attention_grid``."""
+    was_training = model.training
+    model.eval()
+    sums = np.zeros(3)
+    n_batches = 0
+    image_embs, text_embs, ids = [], [], []
+    hits = torch.zeros(2, dtype=torch.float64)  # hits, targets
+    sample = None
+    for batch in batches:
+        batch = _to_device(batch, device)
+        out = model(batch, return_attention=True)
+        sums += [float(out["loss"]), float(out["loss_contrastive"]), float(out["loss_localization"])]
+        n_batches += 1
+        image_embs.append(out["image_emb"].float())
+        text_embs.append(out["text_emb"].float())
+        if "image_ids" in batch and torch.is_tensor(batch["image_ids"]):
+            ids.append(batch["image_ids"].long())
+        attn = out["attention"].float()
+        heat, valid = K.render_traces(batch["points_xy"].float(), batch["point_weights"].float(),
+                                      batch["token_ranges"], attn.shape[-2:], cfg.loss.sigma)
+        target = valid & batch["loc_mask"].bool()
+        if target.any():
+            h = pointing_hits(attn[target].cpu(), heat[target].cpu())
+            hits += torch.tensor([float(h.sum()), float(h.numel())], dtype=torch.float64)
+        if sample is None and keep_for_grid:
+            n = min(keep_for_grid, batch["images"].shape[0])
+            # the trace is drawn finer than the feature grid, with its points on top
+            fine, _ = K.render_traces(batch["points_xy"].float(), batch["point_weights"].float(),
+                                      batch["token_ranges"], (32, 32), cfg.loss.sigma)
+            sample = {"images": batch["images"][:n].float().cpu(),
+                      "tokens": batch["tokens"][:n].cpu(), "attention": attn[:n].cpu(),
+                      "heat": fine[:n].cpu(), "target": target[:n].cpu(),
+                      "points_xy": batch["points_xy"].float().cpu(),
+                      "token_ranges": batch["token_ranges"][:n].cpu()}
+    if was_training:
+        model.train()
+    losses = _all_mean(list(sums / max(n_batches, 1)), device)
+    hits = _all_mean(hits.tolist(), device)
+    image_emb = _gather(torch.cat(image_embs)).cpu()
+    text_emb = _gather(torch.cat(text_embs)).cpu()
+    positives = None
+    if ids and len(ids) == n_batches:
+        all_ids = _gather(torch.cat(ids).to(device)).cpu()
+        positives = all_ids[:, None] == all_ids[None, :]
+    metrics = {
+        "val_loss": losses[0], "val_loss_contrastive": losses[1], "val_loss_localization": losses[2],
+        "i2t_r1": recall_at_k(image_emb, text_emb, 1, positives),
+        "i2t_r5": recall_at_k(image_emb, text_emb, 5, positives),
+        "t2i_r1": recall_at_k(text_emb, image_emb, 1, positives),
+        "t2i_r5": recall_at_k(text_emb, image_emb, 5, positives),
+        "loc_acc": hits[0] / hits[1] if hits[1] > 0 else float("nan"),
+        "val_images": int(image_emb.shape[0]),
+    }
+    return metrics, sample
+
+
+def _denormalize(img: torch.Tensor) -> np.ndarray:
+    x = img * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
+    return x.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def choose_words(tokens: torch.Tensor, target: torch.Tensor, decode, k: int) -> list[int]:
+    """Up to ``k`` token positions with a localization target, content words first."""
+    positions = [int(t) for t in torch.nonzero(target).flatten()]
+    words = {t: decode(int(tokens[t])) for t in positions}
+
+    def content(t):
+        w = words[t].strip("#Ġ▁ ").lower()
+        return len(w) > 2 and w.isalpha() and w not in STOPWORDS
+
+    ranked = [t for t in positions if content(t)] + [t for t in positions if not content(t)]
+    seen, out = set(), []
+    for t in ranked:  # one panel per distinct word
+        if words[t] not in seen:
+            seen.add(words[t])
+            out.append(t)
+        if len(out) == k:
+            break
+    return sorted(out)
+
+
+def attention_grid(sample: dict, path: Path, decode=None, words_per_image: int = 3,
+                   title: str = "") -> Path:
+    """One row per image: the image, then per chosen word its attention map and its rendered trace
+    (both upsampled over the image). ``decode(token_id) -> str`` labels the words."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decode = decode or (lambda i: f"#{i}")
+    n = sample["images"].shape[0]
+    cols = 1 + 2 * words_per_image
+    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n + 0.4), squeeze=False)
+    for r in range(n):
+        img = _denormalize(sample["images"][r])
+        S = img.shape[0]
+        extent = (0, S, S, 0)
+        axes[r, 0].imshow(img)
+        axes[r, 0].set_title("image", fontsize=7)
+        words = choose_words(sample["tokens"][r], sample["target"][r], decode, words_per_image)
+        for j in range(words_per_image):
+            ax_a, ax_t = axes[r, 1 + 2 * j], axes[r, 2 + 2 * j]
+            if j < len(words):
+                t = words[j]
+                w = decode(int(sample["tokens"][r, t]))
+                for ax, m, name in ((ax_a, sample["attention"][r, t], "attn"),
+                                    (ax_t, sample["heat"][r, t], "trace")):
+                    ax.imshow(img)
+                    ax.imshow(m.numpy(), cmap="jet", alpha=0.5, extent=extent,
+                              interpolation="bilinear")
+                    ax.set_title(f"{name}: {w}", fontsize=7)
+                s, e = (int(v) for v in sample["token_ranges"][r, t])
+                pts = sample["points_xy"][s:e].numpy() * S
+                ax_t.plot(pts[:, 0], pts[:, 1], ".", color="white", markersize=2)
+                ax_t.set_xlim(0, S)
+                ax_t.set_ylim(S, 0)
+        for ax in axes[r]:
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,138 @@
+"""JPEG validation: the checks that keep a corrupt or truncated file from killing a run (DESIGN §2.2).
+
+Two levels, because they cost very different amounts:
+
+* :func:`check_structure` walks the marker segments up to the scan, checks that the entropy-coded
+  data holds only legal markers and that the file ends with EOI. It reads bytes only (tens of µs for
+  a COCO-sized file), so the DALI sample source runs it on every sample before a GPU decoder sees it.
+* :func:`check_jpeg` adds a strict trial decode at 1/8 scale (libjpeg-turbo through simplejpeg,
+  which still entropy-decodes every block). ``loctex prepare`` runs it once per image.
+
+Both return ``None`` for a good file and a short reason string otherwise; neither raises.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# Markers that carry no length field: TEM, RST0-7, SOI, EOI.
+_STANDALONE = {0x01, *range(0xD0, 0xD8), 0xD8, 0xD9}
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+class BadImage(ValueError):
+    """An image that cannot be decoded; the message is the reason that gets counted."""
+
+
+def _as_bytes(data) -> bytes | memoryview:
+    if isinstance(data, np.ndarray):
+        return memoryview(np.ascontiguousarray(data, dtype=np.uint8)).cast("B")
+    return data
+
+
+def jpeg_size(data) -> tuple[int, int]:
+    """(width, height) from the SOF segment; raises :class:`BadImage`."""
+    info = _walk(_as_bytes(data))
+    if isinstance(info, str):
+        raise BadImage(info)
+    return info[0], info[1]
+
+
+def _walk(buf) -> tuple[int, int, int] | str:
+    """Walk the header segments: (width, height, offset of the scan data) or a reason string."""
+    n = len(buf)
+    if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
+        return "not a JPEG (no SOI marker)"
+    pos, size = 2, None
+    while True:
+        # Fill bytes (0xFF repeated) may precede a marker.
+        while pos < n and buf[pos] == 0xFF and pos + 1 < n and buf[pos + 1] == 0xFF:
+            pos += 1
+        if pos + 4 > n:
+            return "truncated header"
+        if buf[pos] != 0xFF:
+            return f"bad marker at byte {pos}"
+        marker = buf[pos + 1]
+        if marker in _STANDALONE:
+            if marker == 0xD9:
+                return "EOI before any scan"
+            pos += 2
+            continue
+        length = (buf[pos + 2] << 8) | buf[pos + 3]
+        if length < 2 or pos + 2 + length > n:
+            return "truncated header segment"
+        if marker in _SOF:
+            if length < 8:
+                return "bad SOF segment"
+            h = (buf[pos + 5] << 8) | buf[pos + 6]
+            w = (buf[pos + 7] << 8) | buf[pos + 8]
+            if w == 0 or h == 0:
+                return "zero image size"
+            size = (w, h)
+        if marker == 0xDA:  # SOS: entropy-coded data follows the segment
+            if size is None:
+                return "scan before SOF"
+            return size[0], size[1], pos + 2 + length
+        pos += 2 + length
+
+
+def check_structure(data) -> str | None:
+    """Cheap byte-level check (no decode). ``None`` when the file looks complete and well formed."""
+    buf = _as_bytes(data)
+    info = _walk(buf)
+    if isinstance(info, str):
+        return info
+    scan_start = info[2]
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    # A complete file ends with EOI (a few trailing pad bytes are tolerated).
+    tail = arr[max(scan_start, len(arr) - 64):]
+    eoi = np.flatnonzero((tail[:-1] == 0xFF) & (tail[1:] == 0xD9))
+    if eoi.size == 0:
+        return "truncated (no EOI marker)"
+    end = max(scan_start, len(arr) - 64) + int(eoi[-1])
+    # Inside entropy-coded data 0xFF is followed only by a stuffed 0x00, RSTn, fill 0xFF, or the
+    # markers that separate progressive scans (DHT, DQT, SOS, DRI, APPn, COM, EOI).
+    scan = arr[scan_start:end]
+    ff = np.flatnonzero(scan[:-1] == 0xFF)
+    if ff.size:
+        nxt = scan[ff + 1]
+        legal = ((nxt == 0x00) | ((nxt >= 0xD0) & (nxt <= 0xD7)) | (nxt == 0xFF) | (nxt == 0xC4)
+                 | (nxt == 0xDB) | (nxt == 0xDA) | (nxt == 0xDD) | (nxt == 0xD9) | (nxt == 0xFE)
+                 | ((nxt >= 0xE0) & (nxt <= 0xEF)) | (nxt == 0xCC))
+        if not legal.all():
+            bad = int(ff[np.argmin(legal)]) + scan_start
+            return f"corrupt scan data (marker 0xFF{arr[bad + 1]:02X} at byte {bad})"
+    return None
+
+
+def check_jpeg(data, trial_decode: bool = True) -> str | None:
+    """:func:`check_structure`, then a strict reduced-size trial decode. ``None`` when good."""
+    reason = check_structure(data)
+    if reason is not None or not trial_decode:
+        return reason
+    try:
+        import simplejpeg
+    except ImportError:  # pragma: no cover - simplejpeg is a required dependency
+        return _trial_decode_pil(data)
+    try:
+        w, h = jpeg_size(data)
+        simplejpeg.decode_jpeg(bytes(_as_bytes(data)), colorspace="RGB", strict=True,
+                               min_height=max(1, h // 8), min_width=max(1, w // 8))
+    except Exception as exc:  # noqa: BLE001 - any decoder complaint means "bad"
+        # libjpeg-turbo's TurboJPEG API cannot decode some colorspaces (CMYK, ...) that PIL can.
+        if "colorspace" in str(exc).lower() or "subsampling" in str(exc).lower():
+            return _trial_decode_pil(data)
+        return f"decode failed ({exc})"
+    return None
+
+
+def _trial_decode_pil(data) -> str | None:
+    import io
+
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(bytes(_as_bytes(data)))) as im:
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Exception as exc:  # noqa: BLE001
+        return f"decode failed ({exc})"
+    return None

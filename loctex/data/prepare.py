@@ -1,0 +1,328 @@
+"""``loctex prepare``: validate, repair, align and pack Localized Narratives (DESIGN §2, §5).
+
+    loctex prepare --narratives F [F ...] --images DIR --out DIR [--tokenizer tok.json]
+                   [--image-template T] [--max-reject-fraction 0.01]
+
+Streams every input file in chunks (memory: one chunk plus the image table), so a 500k-line shard
+and several shards per run are fine. Per line: parse + validate + repair (:mod:`loctex.data.records`),
+find the image (``--image-template`` or the data set's convention: COCO ``train2017/%012d.jpg``,
+Open Images ``<id>.jpg``, else ``<id>.jpg``/``%012d.jpg``), read its size from the file header (no
+decode), tokenize (the tokenizer is trained on the captions first when none is given), align the
+tokens to utterance times (:mod:`loctex.data.align`), and append to the packed arrays
+(:mod:`loctex.data.packed`).
+
+Outputs in ``--out``: the packed arrays + ``manifest.json`` + ``tokenizer.json``, ``report.json``
+(``read``, ``kept``, ``rejected``, ``repaired`` {reason: narratives}, ``no_localization``,
+``missing_images``, ``points_dropped``, ``unaligned_utterances``, ``files`` {file: the same
+counts}) and ``rejects.jsonl`` (``{file, line, reason, raw}`` per rejected line). When a file's
+reject fraction exceeds ``--max-reject-fraction`` both reports are still written, the packed arrays
+are removed, and the command exits 1 naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from loctex.data import align as A
+from loctex.data.packed import PackedWriter, compute_point_dt
+from loctex.data.records import Narrative, RecordError, iter_lines, parse_lines
+from loctex.data.tokenizer import iter_captions, load_tokenizer, train_tokenizer
+
+
+class PrepareError(RuntimeError):
+    """The run failed a data-quality check; ``report.json``/``rejects.jsonl`` were written."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Images
+# ------------------------------------------------------------------------------------------------
+def image_candidates(dataset_id: str, image_id: str, template: str | None = None) -> list[str]:
+    """Relative paths to try for an image, most likely first."""
+    num = int(image_id) if image_id.isdigit() else None
+    if template:
+        if "%" in template and "{" not in template:
+            try:
+                return [template % (num if num is not None and "d" in template else image_id)]
+            except TypeError:
+                return [template % image_id]
+        return [template.format(image_id=image_id, image_num=num if num is not None else image_id,
+                                dataset_id=dataset_id)]
+    ds = dataset_id.lower()
+    out: list[str] = []
+    if num is not None:
+        name = f"{num:012d}.jpg"
+        if "coco" in ds:
+            split = "val2017" if "val" in ds else "train2017"
+            out += [f"{split}/{name}", name]
+        else:
+            out += [name, f"images/{name}"]
+    if "open_images" in ds or "openimages" in ds:
+        split = "validation" if "val" in ds else ("test" if "test" in ds else "train")
+        out += [f"{image_id}.jpg", f"{split}/{image_id}.jpg"]
+    out += [f"{image_id}.jpg", f"{image_id}.jpeg", f"{image_id}.png", f"images/{image_id}.jpg"]
+    seen: set = set()
+    return [p for p in out if not (p in seen or seen.add(p))]
+
+
+def read_image_size(path) -> tuple[int, int]:
+    """(width, height) from the header: JPEG SOF / PNG IHDR from the first 64 KiB, else a lazy PIL
+    open (no pixel decode). Raises OSError/ValueError for unreadable files."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    if head[:2] == b"\xff\xd8":
+        from loctex.data.jpeg import BadImage, jpeg_size
+        try:
+            return jpeg_size(head)
+        except BadImage as exc:
+            if "truncated" not in str(exc) or len(head) < 65536:
+                raise ValueError(str(exc)) from None
+    elif head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        if w and h:
+            return w, h
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size
+
+
+class ImageTable:
+    """(dataset_id, image_id) -> row of the packed image tables, or -1 when missing/unreadable."""
+
+    def __init__(self, root, template: str | None, writer: PackedWriter):
+        self.root, self.template, self.writer = Path(root), template, writer
+        self.index: dict = {}
+        self.pending: tuple[list, list, list] = ([], [], [])
+        self.missing_files: dict = {}  # first few missing paths, for the report
+
+    def lookup(self, dataset_id: str, image_id: str) -> int:
+        key = (dataset_id, image_id)
+        row = self.index.get(key)
+        if row is not None:
+            return row
+        row = -1
+        tried = image_candidates(dataset_id, image_id, self.template)
+        for rel in tried:
+            path = self.root / rel
+            try:
+                size = read_image_size(path)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:
+                if len(self.missing_files) < 20:
+                    self.missing_files[str(path)] = f"unreadable: {exc}"
+                break
+            row = self.writer.num_images + len(self.pending[0])
+            self.pending[0].append(rel)
+            self.pending[1].append(image_id)
+            self.pending[2].append(size)
+            break
+        else:
+            if len(self.missing_files) < 20:
+                self.missing_files[str(self.root / tried[0])] = "not found"
+        self.index[key] = row
+        return row
+
+    def flush(self) -> None:
+        if self.pending[0]:
+            self.writer.add_images(*self.pending)
+            self.pending = ([], [], [])
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+class _Counts:
+    def __init__(self):
+        self.read = self.kept = self.rejected = self.no_localization = self.missing_images = 0
+        self.points_dropped = self.unaligned_utterances = 0
+        self.repaired: Counter = Counter()
+        self.reject_reasons: Counter = Counter()
+
+    def as_dict(self) -> dict:
+        return {"read": self.read, "kept": self.kept, "rejected": self.rejected,
+                "repaired": dict(sorted(self.repaired.items())),
+                "no_localization": self.no_localization, "missing_images": self.missing_images,
+                "points_dropped": self.points_dropped,
+                "unaligned_utterances": self.unaligned_utterances,
+                "reject_reasons": dict(sorted(self.reject_reasons.items()))}
+
+    def add(self, other: "_Counts") -> None:
+        for k in ("read", "kept", "rejected", "no_localization", "missing_images",
+                  "points_dropped", "unaligned_utterances"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.repaired.update(other.repaired)
+        self.reject_reasons.update(other.reject_reasons)
+
+
+def _pack_chunk(good: list, rows: list, src: int, tok, writer: PackedWriter,
+                datasets: dict, counts: _Counts) -> None:
+    """Tokenize, align and append a chunk of kept narratives (vectorized over the chunk)."""
+    n = len(good)
+    caps = [r.caption for r, _ in good]
+    encs = tok.encode_batch(caps, add_special_tokens=False)
+    ids_flat: list = []
+    chars_flat: list = []
+    ntok = np.empty(n, np.int64)
+    for k, e in enumerate(encs):
+        ids = e.ids
+        ids_flat.extend(ids)
+        chars_flat.extend(e.offsets)
+        ntok[k] = len(ids)
+    # All captions of the chunk on one character axis (one gap between captions), so that one
+    # searchsorted assigns every token of the chunk to its utterance.
+    base = np.cumsum([0] + [len(c) + 1 for c in caps[:-1]])
+    chars = np.asarray(chars_flat, np.int64).reshape(-1, 2)
+    spans_all, times_all = [], []
+    for k, (r, _) in enumerate(good):
+        if r.utterance_texts:
+            spans, missing = A.align_utterances(r.caption, r.utterance_texts)
+            counts.unaligned_utterances += missing
+            found = spans[:, 0] >= 0
+            spans_all.append(spans[found] + base[k])
+            times_all.append(r.utterance_times[found])
+    if spans_all:
+        windows = A.token_windows(chars + np.repeat(base, ntok)[:, None],
+                                  np.concatenate(spans_all), np.concatenate(times_all))
+    else:
+        windows = np.full((len(chars), 2), np.nan, np.float32)
+    tok_owner = np.repeat(np.arange(n), ntok)
+    has_window = np.bincount(tok_owner[np.isfinite(windows[:, 0])], minlength=n) > 0
+    npts = np.array([len(r.points) for r, _ in good])
+    counts.no_localization += int(((npts == 0) | ~has_window).sum())
+    pts = np.concatenate([r.points for r, _ in good]) if npts.sum() else np.zeros((0, 3))
+    dts = [r.point_dt if r.point_dt is not None else compute_point_dt(r.points[:, 2], r.segments)
+           for r, _ in good]
+    narr_dataset = np.empty(n, np.int16)
+    narr_line = np.empty(n, np.int64)
+    narr_annotator = np.empty(n, np.int32)
+    for k, (r, lineno) in enumerate(good):
+        narr_dataset[k] = datasets.setdefault(r.dataset_id, len(datasets))
+        narr_line[k] = lineno
+        narr_annotator[k] = r.annotator_id
+        for reason in r.repairs:
+            counts.repaired[reason] += 1
+        counts.points_dropped += r.points_dropped
+    writer.add_chunk(
+        narr_image=np.asarray(rows, np.int32), narr_annotator=narr_annotator,
+        narr_dataset=narr_dataset, narr_source=np.full(n, src, np.int16), narr_line=narr_line,
+        captions=[c.encode("utf-8") for c in caps], token_lengths=ntok,
+        token_ids=np.asarray(ids_flat, np.int32), token_chars=chars.astype(np.int32),
+        token_windows=windows, point_lengths=npts, points_xy=pts[:, :2].astype(np.float32),
+        points_t=pts[:, 2].astype(np.float32),
+        point_segment=np.concatenate([r.segments for r, _ in good]).astype(np.int32),
+        point_dt=np.concatenate(dts).astype(np.float32))
+    counts.kept += n
+
+
+def prepare(narratives, images, out, tokenizer=None, image_template: str | None = None,
+            max_reject_fraction: float = 0.01, vocab_size: int = 8000, chunk_lines: int = 256,
+            log=print) -> dict:
+    """Run ``loctex prepare``; returns the report dict. Raises :class:`PrepareError` (after writing
+    ``report.json`` and ``rejects.jsonl``) when a file's reject fraction is over the threshold, and
+    FileNotFoundError for a missing input file."""
+    t0 = time.perf_counter()
+    narratives = [Path(p) for p in narratives]
+    for p in narratives:
+        if not p.is_file():
+            raise FileNotFoundError(f"no such narratives file: {p}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # an interrupted run must not look complete
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+        if Path(tokenizer).resolve() != (out / "tokenizer.json").resolve():
+            shutil.copyfile(tokenizer, out / "tokenizer.json")
+    else:
+        log(f"prepare: training a tokenizer (vocab {vocab_size}) on the captions")
+        tok = train_tokenizer(iter_captions(narratives), vocab_size)
+        tok.save(str(out / "tokenizer.json"))
+    writer = PackedWriter(out)
+    table = ImageTable(images, image_template, writer)
+    datasets: dict = {}
+    total = _Counts()
+    per_file: dict = {}
+    failed: list = []
+    with open(out / "rejects.jsonl", "w") as rej:
+        for src, path in enumerate(narratives):
+            counts = _Counts()
+            for chunk in iter_lines(path, chunk_lines):
+                results = parse_lines([raw for _, raw in chunk])
+                good, rows = [], []
+                for (lineno, raw), r in zip(chunk, results):
+                    counts.read += 1
+                    if isinstance(r, RecordError):
+                        counts.rejected += 1
+                        counts.reject_reasons[r.code] += 1
+                        rej.write(json.dumps({"file": str(path), "line": lineno, "reason": r.reason,
+                                              "raw": raw.decode("utf-8", "replace")}) + "\n")
+                        continue
+                    row = table.lookup(r.dataset_id, r.image_id)
+                    if row < 0:
+                        counts.missing_images += 1
+                        continue
+                    good.append((r, lineno))
+                    rows.append(row)
+                table.flush()
+                if good:
+                    _pack_chunk(good, rows, src, tok, writer, datasets, counts)
+            frac = counts.rejected / max(counts.read, 1)
+            per_file[str(path)] = {**counts.as_dict(), "reject_fraction": round(frac, 6)}
+            if frac > max_reject_fraction:
+                failed.append((str(path), counts.rejected, counts.read, frac))
+            total.add(counts)
+    elapsed = time.perf_counter() - t0
+    report = {**total.as_dict(), "missing_image_examples": table.missing_files,
+              "num_images": writer.num_images, "max_reject_fraction": max_reject_fraction,
+              "files": per_file, "seconds": round(elapsed, 3),
+              "narratives_per_s": round(total.read / max(elapsed, 1e-9), 1)}
+    if failed:
+        writer.abort()
+        report["failed"] = [f for f, *_ in failed]
+    else:
+        writer.close({"image_root": str(Path(images).resolve()), "tokenizer": "tokenizer.json",
+                      "dataset_ids": list(datasets), "sources": [str(p) for p in narratives],
+                      "image_template": image_template or "",
+                      "token_windows": "raw utterance times; the data set applies window_pad_s "
+                                       "and lag_s"})
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    if failed:
+        msg = "; ".join(f"{f}: {r} of {n} lines rejected ({fr:.2%})" for f, r, n, fr in failed)
+        raise PrepareError(f"reject fraction over --max-reject-fraction={max_reject_fraction}: "
+                           f"{msg}. See {out / 'rejects.jsonl'} and {out / 'report.json'}")
+    return report
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--narratives", nargs="+", required=True, help="Localized Narratives .jsonl")
+    parser.add_argument("--images", required=True, help="image root directory")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json (default: train one on the captions)")
+    parser.add_argument("--image-template", default=None,
+                        help="image path relative to --images, e.g. 'train2017/%%012d.jpg' or "
+                             "'{image_id}.jpg' (fields: image_id, image_num, dataset_id)")
+    parser.add_argument("--max-reject-fraction", type=float, default=0.01)
+    parser.add_argument("--vocab-size", type=int, default=8000,
+                        help="vocabulary size when training the tokenizer")
+
+
+def main(args) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        report = prepare(args.narratives, args.images, args.out, args.tokenizer,
+                         args.image_template, args.max_reject_fraction, args.vocab_size)
+    except (PrepareError, FileNotFoundError) as exc:
+        print(f"loctex prepare: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"prepare: read {report['read']}, kept {report['kept']}, rejected {report['rejected']}, "
+          f"missing images {report['missing_images']}, no localization "
+          f"{report['no_localization']}, repaired {report['repaired']} "
+          f"({report['narratives_per_s']:.0f} narratives/s) -> {args.out}")
+    return 0

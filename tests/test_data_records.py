@@ -1,0 +1,129 @@
+"""Parsing, validation and repair of Localized Narratives lines (DESIGN §2.1-2.2)."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loctex.data.bench_prepare import coco_like_lines
+from loctex.data.records import Narrative, RecordError, parse_line, parse_lines, parse_numbers
+
+# A copy of ../shared/fixtures/ln_quirks.jsonl (and its README with the expected outcomes).
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ln_quirks.jsonl"
+
+
+def fixture_lines():
+    return FIXTURE.read_bytes().splitlines()
+
+
+@pytest.mark.parametrize("parse", ["fast", "reference"])
+def test_every_fixture_line_gets_its_outcome(parse):
+    lines = fixture_lines()
+    assert len(lines) == 9
+    if parse == "fast":
+        out = parse_lines(lines)
+    else:
+        out = []
+        for raw in lines:
+            try:
+                out.append(parse_line(raw))
+            except RecordError as exc:
+                out.append(exc)
+    kept = [r for r in out if isinstance(r, Narrative)]
+    assert len(kept) == 7
+    # 1: two segments, a multi-word and a zero-length utterance
+    r1 = out[0]
+    assert r1.image_id == "000001" and r1.repairs == []
+    assert len(set(r1.segments.tolist())) == 2
+    assert r1.utterance_texts[0] == "In this"
+    assert r1.utterance_times[0, 0] == r1.utterance_times[0, 1]
+    # 2: points outside the image kept as they are; integer image_id
+    r2 = out[1]
+    assert r2.image_id == "2" and r2.repairs == []
+    raw2 = json.loads(lines[1])
+    xy = np.array([(p["x"], p["y"]) for seg in raw2["traces"] for p in seg])
+    assert (xy[:, 0] > 1).any() and (xy[:, 1] < 0).any()
+    np.testing.assert_array_equal(r2.points[:, :2], xy)
+    # 3, 4: no localization targets
+    assert out[2].repairs == ["empty_traces"] and len(out[2].points) == 0
+    assert out[3].repairs == ["missing_traces"] and len(out[3].points) == 0
+    # 5: unsorted t sorted
+    assert out[4].repairs == ["unsorted_t_sorted"]
+    t5 = out[4].points[:, 2]
+    assert (np.diff(t5) >= 0).all()
+    raw5 = json.loads(lines[4])
+    assert sorted(p["t"] for seg in raw5["traces"] for p in seg) == t5.tolist()
+    # 6, 7: rejected with reasons
+    assert isinstance(out[5], RecordError) and out[5].code == "bad_json"
+    assert isinstance(out[6], RecordError) and out[6].code == "missing_caption"
+    # 8: the NaN point dropped
+    raw8 = lines[7].decode()
+    n8 = sum(len(s) for s in json.loads(raw8)["traces"])
+    assert out[7].repairs == ["nonfinite_points_dropped"] and out[7].points_dropped == 1
+    assert len(out[7].points) == n8 - 1 and np.isfinite(out[7].points).all()
+    # 9: a second annotator of image 000001, its own narrative
+    assert out[8].image_id == "000001" and out[8].annotator_id != out[0].annotator_id
+
+
+def test_fast_path_matches_reference_on_coco_like_lines():
+    lines = [s.encode() for s in coco_like_lines(40, points=120, seed=3)]
+    fast = parse_lines(lines)
+    for raw, f in zip(lines, fast):
+        ref = parse_line(raw)
+        assert f.caption == ref.caption and f.utterance_texts == ref.utterance_texts
+        np.testing.assert_array_equal(f.points, ref.points)
+        np.testing.assert_array_equal(f.segments, ref.segments)
+        np.testing.assert_array_equal(f.utterance_times, ref.utterance_times)
+        assert f.point_dt is not None and len(f.point_dt) == len(f.points)
+
+
+def test_fast_path_falls_back_on_unusual_formatting():
+    rec = {"dataset_id": "x", "image_id": 5, "caption": "A dog.",
+           "timed_caption": [{"utterance": "A dog.", "start_time": 0, "end_time": 1}],
+           "traces": [[{"t": 0.5, "x": 1e-05, "y": 0.25}, {"x": 0.1, "y": 0.2, "t": 0.25}]]}
+    compact = json.dumps(rec, separators=(",", ":")).encode()
+    spaced = json.dumps(rec).encode()
+    for raw in (compact, spaced):
+        (r,) = parse_lines([raw])
+        assert r.image_id == "5"
+        assert r.repairs == ["unsorted_t_sorted"]
+        np.testing.assert_allclose(r.points, [[0.1, 0.2, 0.25], [1e-05, 0.25, 0.5]])
+
+
+@pytest.mark.parametrize("line,code", [
+    (b'{"caption": "x"}', "missing_image_id"),
+    (b'{"image_id": 1}', "missing_caption"),
+    (b'{"image_id": 1, "caption": 3}', "bad_type"),
+    (b'{"image_id": [1], "caption": "a"}', "bad_type"),
+    (b'{"image_id": 1, "caption": "a", "traces": [[{"x": "a", "y": 0, "t": 0}]]}', "bad_type"),
+    (b'{"image_id": 1, "caption": "a", "timed_caption": [{"utterance": 1}]}', "bad_type"),
+    (b'[1, 2]', "bad_type"),
+    (b'{"image_id": 1, "caption": "a"', "bad_json"),
+    (b'\xff\xfe', "bad_json"),
+])
+def test_malformed_lines_are_rejected_with_a_reason(line, code):
+    (r,) = parse_lines([line])
+    assert isinstance(r, RecordError) and r.code == code and r.reason.startswith(code)
+
+
+def test_parse_numbers_is_exact_and_strict():
+    rng = np.random.default_rng(0)
+    texts = [repr(round(float(x), int(d))) for x, d in zip(rng.uniform(-3, 60, 3000),
+                                                           rng.integers(0, 8, 3000))]
+    texts += ["0", "-0", "100", "0.0001", "123456789012345"]
+    vals, ok = parse_numbers((",".join(texts) + ",").encode())
+    assert ok.all()
+    assert vals.tolist() == [float(t) for t in texts]
+    bad = ["01", "1.", ".5", "--1", "1.2.3", "-", "1-2", "1234567890123456"]
+    _, ok = parse_numbers((" ".join(bad)).encode())
+    assert not ok.any()
+
+
+def test_nan_and_inf_points_are_dropped():
+    line = (b'{"image_id": "9", "caption": "a cat", "traces": [[{"x": NaN, "y": 0, "t": 0}, '
+            b'{"x": 0.5, "y": Infinity, "t": 1}, {"x": 0.5, "y": 0.5, "t": 2}]]}')
+    (r,) = parse_lines([line])
+    assert r.points.tolist() == [[0.5, 0.5, 2.0]] and r.points_dropped == 2
+    assert r.repairs == ["nonfinite_points_dropped"]
+    assert not math.isnan(r.points.sum())
