@@ -60,7 +60,7 @@ setup(
     description="LocTex: contrastive + localized-narrative pre-training with fused kernels",
     python_requires=">=3.10",
     packages=[
-        "loctex", "loctex.data", "loctex.models", "loctex.eval",
+        "loctex", "loctex.data", "loctex.models", "loctex.eval", "loctex.synth",
         "loctex.kernels", "loctex.kernels.triton", "loctex.engine",
     ],
     package_dir={"loctex.kernels": "kernels", "loctex.engine": "engine"},
@@ -69,7 +69,7 @@ setup(
     install_requires=[
         "torch>=2.4",  # 2.13.0 (CPU wheel here) and 2.11 (GPU machine) both satisfy it
         "numpy", "pyyaml", "rich", "tokenizers", "transformers", "pycocotools", "pillow",
-        "safetensors", "scikit-learn", "deepspeed", "matplotlib", "simplejpeg",
+        "safetensors", "scikit-learn", "deepspeed", "matplotlib", "simplejpeg", "orjson",
         "triton; platform_system == 'Linux'",
     ],
     extras_require={

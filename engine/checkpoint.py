@@ -157,8 +157,9 @@ def resume_target(cfg: Config) -> Path | None:
 class TrainState:
     """What the loop needs to continue where it stopped."""
     step: int = 0             # optimizer steps done
-    epoch: int = 0
-    data_position: int = 0    # micro-batches this rank consumed in ``epoch``
+    epoch: int = 0            # data_position // batches per epoch (for the record)
+    data_position: int = 0    # micro-batches each rank consumed since the start: the loader's
+                              # start_step on resume (epoch and place in it follow from it)
     samples_seen: int = 0     # images, all ranks
 
 
@@ -254,11 +255,11 @@ def load(engine, tag_dir: Path, rank: int, world_size: int, cfg: Config) -> Trai
     else:
         # another layout: the shards differ, so continue from the same number of images
         log.warning("resuming %s with another layout (world %d -> %d, micro-batch %d -> %d): "
-                    "the data position is converted through the images seen and the RNG reseeded",
+                    "the data position is converted through the images seen (the order differs "
+                    "from an uninterrupted run's) and the RNG reseeded",
                     tag_dir, info["world_size"], world_size, info["micro_batch_size"],
                     cfg.train.micro_batch_size)
-        seen_in_epoch = info["data_position"] * info["world_size"] * info["micro_batch_size"]
-        state.data_position = seen_in_epoch // (world_size * cfg.train.micro_batch_size)
+        state.data_position = state.samples_seen // (world_size * cfg.train.micro_batch_size)
         seed = cfg.seed * 1_000_003 + state.step * 1009 + rank
         random.seed(seed)
         np.random.seed(seed % (2 ** 32))
@@ -300,14 +301,21 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     manifest = read_manifest(tag_dir)
     if manifest is None:
         raise ValueError(f"{tag_dir}: the checkpoint is incomplete")
+    model_states = sorted(tag_dir.glob("*model_states.pt"))[0]  # rank 0's (stage 3: one per rank)
     with _weights_only_loads():
+        module = torch.load(model_states, map_location="cpu")["module"]
         if manifest["zero_stage"] == 0:
-            states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")
-            sd = dict(states["module"])
+            sd = dict(module)
         else:
+            # the fp32 master weights, merged from every rank's optimizer shard
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
             sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+            # frozen parameters have no optimizer state: take the module's own copy (stages 1-2
+            # store it whole; a stage-3 partitioned placeholder is empty and is left out)
+            for k, v in module.items():
+                if k not in sd and v.numel() > 0:
+                    sd[k] = v
+    return {k: (v.float() if v.is_floating_point() else v).detach() for k, v in sd.items()}
 
 
 def load_model(path: str | Path, strict: bool = True):

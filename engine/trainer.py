@@ -11,6 +11,7 @@ A second signal while saving is ignored (the save is what the first one asked fo
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -32,27 +33,12 @@ from .validate import attention_grid, validate
 log = logging.getLogger("loctex.engine")
 
 
-def _patch_deepspeed_scalar_broadcast() -> None:
-    """DeepSpeed (0.19) broadcasts every parameter at start-up as ``p.data.view(torch.uint8)``,
-    which fails for 0-dim parameters such as the logit scale. Give those a 1-element shape for the
-    broadcast only (a view: the broadcast writes into the parameter's own storage)."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    original = DeepSpeedEngine._broadcast_model
-    if getattr(original, "_loctex_patched", False):
-        return
-
-    def _broadcast_model(self):
-        scalars = [p for p in self.module.parameters() if p.dim() == 0]
-        for p in scalars:
-            p.data = p.data.reshape(1)
-        try:
-            original(self)
-        finally:
-            for p in scalars:
-                p.data = p.data.reshape(())
-
-    _broadcast_model._loctex_patched = True
-    DeepSpeedEngine._broadcast_model = _broadcast_model
+def _skip_deepspeed_shm_op() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op at
+    start-up (minutes on a cold 2-core machine) that only its inference path uses; training
+    collectives go through torch.distributed (gloo). Mark the op unavailable so nothing is built."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 class StopFlag:
@@ -90,58 +76,80 @@ def _to_device(batch: dict, device) -> dict:
 
 
 class Data:
-    """What the loop needs from the data layer (loctex.data): per-rank loaders and the tokenizer."""
+    """The data layer (``loctex.data``) as the loop uses it: this rank's infinite training stream
+    from a micro-batch position on, the validation loader, the tokenizer."""
 
     def __init__(self, cfg: Config, rank: int, world_size: int):
-        from loctex.data import build_loader
+        from loctex.data.loader import build_loader
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self._build_loader = build_loader
-        self.tokenizer = _load_tokenizer(cfg)
+        self._val = None
+        from loctex.data.tokenizer import load_tokenizer
+        path = cfg.model.tokenizer or self._tokenizer_path(cfg.data.prepared)
+        self.tokenizer = load_tokenizer(path)
+
+    @staticmethod
+    def _tokenizer_path(prepared: str) -> str:
+        from loctex.data.packed import PackedNarratives
+        try:
+            return str(PackedNarratives(prepared).tokenizer_path)
+        except (OSError, ValueError):
+            return os.path.join(prepared, "tokenizer.json")  # e.g. a shard directory
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
     @property
-    def pad_token_id(self):
-        return self.tokenizer.token_to_id("[PAD]")
+    def pad_token_id(self) -> int:
+        from loctex.data.tokenizer import PAD_ID
+        return PAD_ID
 
     def decode(self, token_id: int) -> str:
         return self.tokenizer.id_to_token(int(token_id)) or f"#{token_id}"
 
-    def train_loader(self, epoch: int, start_step: int):
-        return self._build_loader(self.cfg, self.cfg.data.prepared, train=True, rank=self.rank,
-                                  world_size=self.world_size, epoch=epoch, start_step=start_step)
+    def train_loader(self, start_step: int):
+        """Infinite, sharded, shuffled per epoch from the seed; ``start_step`` = micro-batches this
+        rank already consumed (the loader's global step)."""
+        return self._build_loader(self.cfg, rank=self.rank, world_size=self.world_size, train=True,
+                                  start_step=start_step)
 
     def val_loader(self):
         if not self.cfg.data.val_prepared:
             return None
-        return self._build_loader(self.cfg, self.cfg.data.val_prepared, train=False,
-                                  rank=self.rank, world_size=self.world_size)
+        if self._val is None:  # one pass per iteration; kept so its workers are reused
+            self._val = self._build_loader(self.cfg, self.cfg.data.val_prepared, train=False,
+                                           rank=self.rank, world_size=self.world_size)
+        return self._val
 
-
-def _load_tokenizer(cfg: Config):
-    from tokenizers import Tokenizer
-    path = cfg.model.tokenizer or os.path.join(cfg.data.prepared, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer {path} not found (set model.tokenizer or data.prepared)")
-    return Tokenizer.from_file(path)
-
-
-def _batches_per_epoch(loader) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
+    def val_batches(self):
+        """This rank's full validation batches (the same count on every rank) and the image index
+        of each of its items (for retrieval, where another narrative of the same image is a hit;
+        None when the data set does not say)."""
+        loader = self.val_loader()
+        if loader is None:
+            return None, None
+        B = self.cfg.train.micro_batch_size
+        full = loader.sampler.n // (B * self.world_size)
+        if full == 0:
+            raise ValueError(f"{self.cfg.data.val_prepared}: {loader.sampler.n} narratives cannot "
+                             f"fill one validation batch of {B} x {self.world_size} ranks")
+        image_ids = None
+        packed = getattr(loader.dataset, "packed", None)
+        if packed is not None and hasattr(packed, "image_index"):
+            items = [i for batch in itertools.islice(iter(loader.sampler), full) for i, _ in batch]
+            image_ids = torch.tensor([packed.image_index(i) for i in items], dtype=torch.long)
+        return itertools.islice(iter(loader), full), image_ids
 
 
 class Trainer:
     def __init__(self, cfg: Config, deepspeed_config: str | None = None):
         import deepspeed
-        _patch_deepspeed_scalar_broadcast()
         self.cfg = cfg
         dist = _dist()
         self.on_cuda = torch.cuda.is_available()
+        if not self.on_cuda:
+            _skip_deepspeed_shm_op()
         deepspeed.init_distributed(dist_backend="nccl" if self.on_cuda else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -161,6 +169,10 @@ class Trainer:
         from loctex.models import build_model
         self.model_args = {"vocab_size": self.data.vocab_size, "pad_token_id": self.data.pad_token_id}
         model = build_model(cfg, **self.model_args)
+        scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
+        if scalars:  # DeepSpeed broadcasts/partitions through p.data.view(torch.uint8)
+            raise ValueError(f"0-dim parameters {scalars} cannot go through DeepSpeed: "
+                             "give them shape [1]")
         kwargs = {}
         if "optimizer" not in ds:  # a passed-through JSON may bring its own optimizer/scheduler
             optimizer = build_optimizer(model, cfg, self.on_cuda)
@@ -200,32 +212,18 @@ class Trainer:
 
     # ---- data ----------------------------------------------------------------------------------
     def _micro_batches(self):
-        """This rank's micro-batches from the checkpointed position on, across epochs; keeps
-        ``state.epoch`` / ``state.data_position`` current (position = batches consumed)."""
-        while True:
-            loader = self.data.train_loader(self.state.epoch, self.state.data_position)
-            n = _batches_per_epoch(loader)
-            if n is not None:
-                lo_hi = torch.tensor([-n, n], dtype=torch.float64, device=self.device)
-                _dist().all_reduce(lo_hi, op=_dist().ReduceOp.MAX)
-                if -lo_hi[0] != lo_hi[1]:
-                    raise RuntimeError(f"ranks have different batch counts per epoch "
-                                       f"({int(-lo_hi[0])}..{int(lo_hi[1])}): the loader must shard evenly")
-            # the loader draws its worker seeds from the global RNG unless it has a generator; keep
-            # those draws out of the model's RNG stream so that a resumed run draws what an
-            # uninterrupted one does
-            with torch.random.fork_rng(devices=[]):
-                it = iter(loader)
-            got = False
-            for batch in it:
-                got = True
-                self.state.data_position += 1
-                yield batch
-            if not got and self.state.data_position == 0:
-                raise RuntimeError("the training loader yields no batch (too few images for "
-                                   "world size x micro-batch?)")
-            self.state.epoch += 1
-            self.state.data_position = 0
+        """This rank's micro-batches from the checkpointed position on (the loader is infinite and
+        deterministic in (seed, position)); keeps ``state.data_position`` / ``state.epoch`` current."""
+        loader = self.data.train_loader(self.state.data_position)
+        per_epoch = loader.steps_per_epoch
+        # the loader may draw worker seeds from the global RNG; keep those draws out of the model's
+        # RNG stream so that a resumed run draws what an uninterrupted one does
+        with torch.random.fork_rng(devices=[]):
+            it = iter(loader)
+        for batch in it:
+            self.state.data_position += 1
+            self.state.epoch = self.state.data_position // per_epoch
+            yield batch
 
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -266,8 +264,11 @@ class Trainer:
                 stopped = self.stop.signum or signal.SIGTERM
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-                self._info(f"signal {signal.Signals(stopped).name}: saving step {step} and exiting")
+                name = signal.Signals(stopped).name
+                self._info(f"{name}: saving step {step} and exiting")
                 self._save()
+                print(f"[loctex] rank {self.rank}: checkpoint of step {step} saved; exit 0 after "
+                      f"{name}", flush=True)
                 break
             if step % t.checkpoint_every == 0 or step == t.max_steps:
                 self._save()
@@ -305,11 +306,11 @@ class Trainer:
         self._info(f"checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
 
     def _validate(self, step: int, grid: bool, final: bool = False) -> dict | None:
-        loader = self.data.val_loader()
-        if loader is None:
+        batches, image_ids = self.data.val_batches()
+        if batches is None:
             return None
-        metrics, sample = validate(self.engine, loader, self.cfg, self.device,
-                                   keep_for_grid=6 if grid else 0)
+        metrics, sample = validate(self.engine, batches, self.cfg, self.device,
+                                   keep_for_grid=6 if grid else 0, image_ids=image_ids)
         self.logger.log_val(step, metrics)
         if self.rank == 0 and sample is not None:
             png = Path(self.cfg.run_dir) / "attention" / f"step_{step:08d}.png"

@@ -56,15 +56,17 @@ def _to_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def validate(model, batches, cfg, device, keep_for_grid: int = 0) -> tuple[dict, dict | None]:
-    """Run the validation ``batches`` (this rank's, equally many on every rank) through ``model``
-    (the DeepSpeed engine or a plain module). Returns (metrics, grid sample or None): the sample holds
-    the first ``keep_for_grid`` items of this rank's first batch for ``attention_grid``."""
+def validate(model, batches, cfg, device, keep_for_grid: int = 0,
+             image_ids: torch.Tensor | None = None) -> tuple[dict, dict | None]:
+    """Run the validation ``batches`` (this rank's, equally many and equally sized on every rank)
+    through ``model`` (the DeepSpeed engine or a plain module). ``image_ids`` (this rank's items in
+    order) make another caption of the same image a retrieval hit. Returns (metrics, grid sample or
+    None): the sample holds the first ``keep_for_grid`` items of this rank's first batch."""
     was_training = model.training
     model.eval()
     sums = np.zeros(3)
     n_batches = 0
-    image_embs, text_embs, ids = [], [], []
+    image_embs, text_embs = [], []
     hits = torch.zeros(2, dtype=torch.float64)  # hits, targets
     sample = None
     for batch in batches:
@@ -74,8 +76,6 @@ def validate(model, batches, cfg, device, keep_for_grid: int = 0) -> tuple[dict,
         n_batches += 1
         image_embs.append(out["image_emb"].float())
         text_embs.append(out["text_emb"].float())
-        if "image_ids" in batch and torch.is_tensor(batch["image_ids"]):
-            ids.append(batch["image_ids"].long())
         attn = out["attention"].float()
         heat, valid = K.render_traces(batch["points_xy"].float(), batch["point_weights"].float(),
                                       batch["token_ranges"], attn.shape[-2:], cfg.loss.sigma)
@@ -100,8 +100,8 @@ def validate(model, batches, cfg, device, keep_for_grid: int = 0) -> tuple[dict,
     image_emb = _gather(torch.cat(image_embs)).cpu()
     text_emb = _gather(torch.cat(text_embs)).cpu()
     positives = None
-    if ids and len(ids) == n_batches:
-        all_ids = _gather(torch.cat(ids).to(device)).cpu()
+    if image_ids is not None:
+        all_ids = _gather(image_ids.to(device)).cpu()
         positives = all_ids[:, None] == all_ids[None, :]
     metrics = {
         "val_loss": losses[0], "val_loss_contrastive": losses[1], "val_loss_localization": losses[2],
@@ -142,8 +142,8 @@ def choose_words(tokens: torch.Tensor, target: torch.Tensor, decode, k: int) -> 
 
 def attention_grid(sample: dict, path: Path, decode=None, words_per_image: int = 3,
                    title: str = "") -> Path:
-    """One row per image: the image, then per chosen word its attention map and its rendered trace
-    (both upsampled over the image). ``decode(token_id) -> str`` labels the words."""
+    """One row per image: the image, then per chosen word its attention map (one block per grid
+    cell) and its rendered trace with the word's trace points, both over the image. ``decode(token_id) -> str`` labels the words."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -164,11 +164,11 @@ def attention_grid(sample: dict, path: Path, decode=None, words_per_image: int =
             if j < len(words):
                 t = words[j]
                 w = decode(int(sample["tokens"][r, t]))
-                for ax, m, name in ((ax_a, sample["attention"][r, t], "attn"),
-                                    (ax_t, sample["heat"][r, t], "trace")):
+                # the attention is shown cell by cell (its real resolution), the trace smooth
+                for ax, m, name, interp in ((ax_a, sample["attention"][r, t], "attn", "nearest"),
+                                            (ax_t, sample["heat"][r, t], "trace", "bilinear")):
                     ax.imshow(img)
-                    ax.imshow(m.numpy(), cmap="jet", alpha=0.5, extent=extent,
-                              interpolation="bilinear")
+                    ax.imshow(m.numpy(), cmap="jet", alpha=0.5, extent=extent, interpolation=interp)
                     ax.set_title(f"{name}: {w}", fontsize=7)
                 s, e = (int(v) for v in sample["token_ranges"][r, t])
                 pts = sample["points_xy"][s:e].numpy() * S

@@ -25,7 +25,7 @@ import platform
 import re
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -46,7 +46,6 @@ class Case:
     build: Callable[[str], tuple[Callable[[], torch.Tensor], list[torch.Tensor]]]
     # (provider) -> (forward closure returning a scalar or a tuple, leaves that get gradients)
     flops: float | None = None           # nominal flops of a full pass (for a FLOP rate)
-    params: dict = field(default_factory=dict)
 
 
 def _trace_case(kernel, batch, tokens, grid, dim, ppt, dtype, device) -> Case:
@@ -65,7 +64,7 @@ def _trace_case(kernel, batch, tokens, grid, dim, ppt, dtype, device) -> Case:
                                                scale=1 / math.sqrt(dim), loss_type="kl",
                                                provider=provider)), [q, k]
 
-    return Case(kernel, shape, build, params=dict(B=batch, L=tokens, grid=grid, D=dim))
+    return Case(kernel, shape, build)
 
 
 def _contrastive_case(n, dim, dtype, device) -> Case:
@@ -75,8 +74,7 @@ def _contrastive_case(n, dim, dtype, device) -> Case:
         leaves = [image.requires_grad_(), text.requires_grad_(), ls.requires_grad_()]
         return (lambda: K.contrastive_loss(*leaves, provider=provider)), leaves
 
-    return Case("contrastive_loss", f"N={n},D={dim}", build, flops=8.0 * n * n * dim,
-                params=dict(N=n, D=dim))
+    return Case("contrastive_loss", f"N={n},D={dim}", build, flops=8.0 * n * n * dim)
 
 
 def cases(device: str, quick: bool, dtype: torch.dtype) -> list[Case]:
@@ -115,18 +113,24 @@ def _clear(leaves):
         t.grad = None
 
 
-def _time_cpu(fn, leaves, budget_s: float, max_reps: int = 50):
-    min_reps = 3 if budget_s > 0 else 1
-    _clear(leaves)
-    fn()  # warm-up
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
-        _clear(leaves)
-        t0 = time.perf_counter()
+def _time_cpu_interleaved(fns: dict, leaves: dict, budget_s: float, max_reps: int = 50) -> dict:
+    """Times each provider's call round-robin, so that all providers see the same machine load
+    (CPU hosts are often shared); {provider: (median, p20, p80)} in ms."""
+    min_reps = 5 if budget_s > 0 else 1
+    for p, fn in fns.items():  # warm-up
+        _clear(leaves[p])
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return _summary(times)
+    times = {p: [] for p in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < budget_s * len(fns)):
+        for p, fn in fns.items():
+            _clear(leaves[p])
+            t0 = time.perf_counter()
+            fn()
+            times[p].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return {p: _summary(t) for p, t in times.items()}
 
 
 def _time_cuda(fn, leaves, rep_ms: int):
@@ -195,35 +199,80 @@ def _skip_reason(kernel: str, provider: str, device: str) -> str | None:
     return None
 
 
-def measure(case: Case, provider: str, device: str, rep_ms: int, budget_s: float) -> dict:
-    """Metrics of one (case, provider) as {metric: value}; raises on failure."""
-    fwd, leaves = case.build(provider)
-    has_bwd = bool(leaves)
+def _failure(exc: BaseException) -> str:
+    if _is_oom(exc):
+        return "out of memory"
+    first = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
 
-    def full():
-        out = fwd()
-        if has_bwd:
-            out.backward()
 
-    timer = (lambda fn: _time_cuda(fn, leaves, rep_ms)) if device == "cuda" else \
-        (lambda fn: _time_cpu(fn, leaves, budget_s))
-    metrics = {}
-    full()  # first call: compilation / autotuning / lazy init stay out of every number
-    metrics["peak_mem_mb"] = _peak_mb(full, leaves, device)
-    with torch.no_grad() if not has_bwd else contextlib.nullcontext():
-        stats = {"fwd": timer(fwd)}
-    if has_bwd:
-        out = fwd()
-        stats["bwd"] = timer(lambda: out.backward(retain_graph=True))
-        del out
-        stats["full"] = timer(full)
-    else:
-        stats["full"] = stats["fwd"]
-    for phase, (med, lo, hi) in stats.items():
-        metrics[f"{phase}_ms"], metrics[f"{phase}_ms_p20"], metrics[f"{phase}_ms_p80"] = med, lo, hi
-    if case.flops:
-        metrics["tflops"] = case.flops / (metrics["full_ms"] * 1e-3) / 1e12
-    return metrics
+def measure_all(case: Case, providers, device: str, rep_ms: int, budget_s: float, skip: dict) -> dict:
+    """{provider: metrics dict, or the reason it was skipped} for one case. On CPU the providers
+    are timed round-robin (see ``_time_cpu_interleaved``); on CUDA one after the other."""
+    results, ready = {}, {}
+    for p in providers:
+        if skip.get(p):
+            results[p] = skip[p]
+            continue
+        try:
+            fwd, leaves = case.build(p)
+
+            def full(fwd=fwd, has_bwd=bool(leaves)):
+                out = fwd()
+                if has_bwd:
+                    out.backward()
+
+            full()  # first call: compilation / autotuning / lazy init stay out of every number
+            ready[p] = {"fwd": fwd, "full": full, "leaves": leaves,
+                        "metrics": {"peak_mem_mb": _peak_mb(full, leaves, device)}}
+        except Exception as exc:  # noqa: BLE001 — a benchmark notes failures and goes on
+            results[p] = _failure(exc)
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    for phase in ("fwd", "bwd", "full"):
+        fns, leaves, graphs = {}, {}, []
+        for p, r in ready.items():
+            if phase != "fwd" and not r["leaves"]:
+                continue                  # no backward (render_traces): full pass = forward
+            if phase == "bwd":
+                out = r["fwd"]()          # one graph, back-propagated again and again
+                graphs.append(out)
+                fns[p] = (lambda out=out: out.backward(retain_graph=True))
+            else:
+                fns[p] = r[phase]
+            leaves[p] = r["leaves"]
+        grad_mode = torch.no_grad() if phase == "fwd" and not any(leaves.values()) else contextlib.nullcontext()
+        with grad_mode:
+            if device == "cuda":
+                stats = {}
+                for p, fn in fns.items():
+                    try:
+                        stats[p] = _time_cuda(fn, leaves[p], rep_ms)
+                    except Exception as exc:  # noqa: BLE001
+                        results[p] = _failure(exc)
+                        ready.pop(p)
+            else:
+                try:
+                    stats = _time_cpu_interleaved(fns, leaves, budget_s)
+                except Exception as exc:  # noqa: BLE001
+                    stats = {}
+                    for p in fns:
+                        results[p] = _failure(exc)
+                        ready.pop(p)
+        del graphs
+        for p, (med, lo, hi) in stats.items():
+            if p in ready:
+                m = ready[p]["metrics"]
+                m[f"{phase}_ms"], m[f"{phase}_ms_p20"], m[f"{phase}_ms_p80"] = med, lo, hi
+    for p, r in ready.items():
+        m = r["metrics"]
+        if "bwd_ms" not in m and "fwd_ms" in m:
+            m["full_ms"], m["full_ms_p20"], m["full_ms_p80"] = m["fwd_ms"], m["fwd_ms_p20"], m["fwd_ms_p80"]
+        if case.flops and "full_ms" in m:
+            m["tflops"] = case.flops / (m["full_ms"] * 1e-3) / 1e12
+        results[p] = m
+    return results
 
 
 def matmul_tflops(dtype=torch.bfloat16, n: int = 8192) -> float:
@@ -267,7 +316,7 @@ def write_markdown(path, rows, meta, targets):
         table.setdefault(key, {})[r["metric"]] = r["value"] if r["metric"] != "skipped" else r["note"]
     lines = [f"# Kernel benchmarks — {meta['device']}", "",
              f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · dtype {meta['dtype']} · "
-             f"`{meta['command']}`", "",
+             f"`{meta['command']}` · load average at start {meta['load']}", "",
              "Times in ms: median [20%–80%]. Peak: extra memory of one forward+backward (MB). "
              "Speed-up and memory ratio are against the reference on the same shape.", ""]
     if meta.get("matmul_tflops"):
@@ -369,7 +418,8 @@ def run(device: str, quick: bool, out_dir: str, providers=("reference", "triton"
     now = _dt.datetime.now()
     meta = {"device": name, "date": now.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "triton": triton.__version__, "dtype": str(tdtype).replace("torch.", ""),
-            "command": "python -m loctex.kernels.bench --device " + device + (" --quick" if quick else "")}
+            "command": "python -m loctex.kernels.bench --device " + device + (" --quick" if quick else ""),
+            "load": " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"}
     rows: list[dict] = []
 
     def add(case, provider, metric, value, note=""):
@@ -385,31 +435,22 @@ def run(device: str, quick: bool, out_dir: str, providers=("reference", "triton"
     for case in cases(device, quick, tdtype):
         if kernels and case.kernel not in kernels:
             continue
-        ref = None
+        skip = {p: _skip_reason(case.kernel, p, device) or
+                ("out of memory at a smaller shape" if (case.kernel, p) in oom else None) for p in providers}
+        results = measure_all(case, providers, device, rep_ms, budget_s, skip)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        ref = results.get("reference")
         for provider in providers:
-            reason = _skip_reason(case.kernel, provider, device)
-            if reason is None and (case.kernel, provider) in oom:
-                reason = "out of memory at a smaller shape"
-            if reason is None:
-                try:
-                    m = measure(case, provider, device, rep_ms, budget_s)
-                except Exception as exc:  # noqa: BLE001 — a benchmark notes failures and goes on
-                    if _is_oom(exc):
-                        oom.add((case.kernel, provider))
-                        reason = "out of memory"
-                    else:
-                        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-                finally:
-                    gc.collect()
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-            if reason is not None:
-                add(case, provider, "skipped", "", reason)
-                log(f"{case.kernel:22s} {case.shape:45s} {provider:9s} skipped: {reason}")
+            m = results[provider]
+            if isinstance(m, str):
+                if m == "out of memory":
+                    oom.add((case.kernel, provider))
+                add(case, provider, "skipped", "", m)
+                log(f"{case.kernel:22s} {case.shape:45s} {provider:9s} skipped: {m}")
                 continue
-            if provider == "reference":
-                ref = m
-            elif ref is not None:
+            if provider != "reference" and isinstance(ref, dict):
                 m["speedup_full"] = ref["full_ms"] / m["full_ms"]
                 if m["peak_mem_mb"] > 0:
                     m["memory_ratio"] = ref["peak_mem_mb"] / m["peak_mem_mb"]

@@ -31,7 +31,7 @@ MODELS = ("random", "contrastive", "loctex")
 CONFIGS = {"contrastive": "embedded_contrastive.yaml", "loctex": "embedded.yaml"}
 
 # (images, pre-training steps, dense-probe steps); image size and the rest come from the configs
-BUDGETS = {"full": (2000, 300, 300), "quick": (600, 120, 150)}
+BUDGETS = {"full": (2000, 300, 300), "quick": (500, 100, 150)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,6 +78,14 @@ def prepare_data(out: Path, data: str | None, num_images: int, seed: int) -> dic
 
 
 # ---- 2. pre-training -----------------------------------------------------------------------------
+def _free_port() -> int:
+    """A free local port for the run's process group (two reproduce runs may overlap, e.g. tests)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pretrain(name: str, out: Path, data: dict, steps: int, seed: int, overrides: list[str]) -> Path:
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,9 +96,9 @@ def pretrain(name: str, out: Path, data: dict, steps: int, seed: int, overrides:
     log = run_dir / "train.log"
     print(f"[reproduce] pre-training {name}: {steps} steps (log: {log})", flush=True)
     t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(_free_port())}
     with open(log, "a") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
     if rc:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise SystemExit(f"pre-training {name} failed (exit {rc}); end of {log}:\n{tail}")
@@ -160,22 +168,22 @@ def run_config(run_dir: Path) -> dict:
 
 
 # ---- 4. report -----------------------------------------------------------------------------------
-ROWS = [  # (label, getter)
-    ("linear probe mAP", lambda r: r["linear_probe_mAP"]),
-    ("dense probe mIoU, 10% labels", lambda r: r["dense_probe"]["10%"]["mIoU"]),
-    ("dense probe mIoU, 50% labels", lambda r: r["dense_probe"]["50%"]["mIoU"]),
-    ("dense probe mIoU, 100% labels", lambda r: r["dense_probe"]["100%"]["mIoU"]),
-    ("pointing accuracy (traces)", lambda r: r["localization"]["pointing_acc"]),
-    ("box pointing game (nouns)", lambda r: r["localization"]["box_pointing_acc"]),
-    ("retrieval R@1 image->text", lambda r: r["localization"]["i2t_r1"]),
-    ("retrieval R@1 text->image", lambda r: r["localization"]["t2i_r1"]),
-    ("mean KL(trace || attention)", lambda r: r["localization"]["mean_kl"]),
+ROWS = [  # (label, chart label, getter)
+    ("linear probe mAP", "linear probe\nmAP", lambda r: r["linear_probe_mAP"]),
+    ("dense probe mIoU, 10% labels", "dense mIoU\n10% labels", lambda r: r["dense_probe"]["10%"]["mIoU"]),
+    ("dense probe mIoU, 50% labels", "dense mIoU\n50% labels", lambda r: r["dense_probe"]["50%"]["mIoU"]),
+    ("dense probe mIoU, 100% labels", "dense mIoU\n100% labels", lambda r: r["dense_probe"]["100%"]["mIoU"]),
+    ("pointing accuracy (traces)", "pointing acc.\n(traces)", lambda r: r["localization"]["pointing_acc"]),
+    ("box pointing game (nouns)", "box pointing\n(nouns)", lambda r: r["localization"]["box_pointing_acc"]),
+    ("retrieval R@1 image->text", "R@1\nimage->text", lambda r: r["localization"]["i2t_r1"]),
+    ("retrieval R@1 text->image", "R@1\ntext->image", lambda r: r["localization"]["t2i_r1"]),
+    ("mean KL(trace || attention)", None, lambda r: r["localization"]["mean_kl"]),  # not a %
 ]
 
 
 def table_rows(results: dict) -> list[tuple[str, list[float | None]]]:
     rows = []
-    for label, get in ROWS:
+    for label, _, get in ROWS:
         vals = []
         for name in MODELS:
             try:
@@ -212,18 +220,15 @@ def bar_chart(results: dict, path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = [(label, vals) for label, vals in table_rows(results) if not label.startswith("mean KL")]
+    short = {label: chart for label, chart, _ in ROWS}
+    rows = [(short[label], vals) for label, vals in table_rows(results) if short[label]]
     x = np.arange(len(rows))
     width = 0.26
     fig, ax = plt.subplots(figsize=(11, 4.2))
     for k, name in enumerate(MODELS):
-        vals = [100 * v[k] if v[k] is not None else 0.0 for _, v in rows]
-        bars = ax.bar(x + (k - 1) * width, vals, width, label=name)
-        for b, (_, v) in zip(bars, rows):
-            if v[k] is None:
-                b.set_hatch("//")
-                b.set_alpha(0.2)
-    ax.set_xticks(x, [label.replace(", ", "\n") for label, _ in rows], fontsize=8)
+        vals = [100 * v[k] if v[k] is not None else 0.0 for _, v in rows]  # random: no text tower
+        ax.bar(x + (k - 1) * width, vals, width, label=name)
+    ax.set_xticks(x, [label for label, _ in rows], fontsize=8)
     ax.set_ylabel("%")
     ax.set_title(title, fontsize=10)
     ax.legend()

@@ -7,6 +7,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# `make test` runs 2 xdist workers on the 2 cores: with torch's default 2 threads each, small ops
+# spin in OpenMP barriers against the other worker (oversubscription); one thread each is
+# the fastest split.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of tens of seconds "
+                                       "(deselect with -m 'not slow')")
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():

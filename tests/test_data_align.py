@@ -66,3 +66,27 @@ def test_pad_and_lag_and_closed_windows():
     np.testing.assert_allclose(w[0], [1.5, 1.5])
     assert point_ranges(w, t).tolist()[0] == [4, 5]
     assert point_ranges(apply_window(raw, 0.0, -1.0), t).tolist()[0] == [0, 1]
+
+
+def test_non_ascii_captions_align_on_character_offsets():
+    from loctex.data.tokenizer import train_tokenizer
+    tok = train_tokenizer(["Café au lait, über alles"] * 5, vocab_size=100)
+    caption = "Café au lait, über alles"
+    utt = [("café au", 0, 1), ("LAIT", 1, 2), ("über", 2, 3), ("alles", 3, 4)]
+    enc, win, missing = windows_for(tok, caption, utt)
+    assert missing == 0
+    assert [caption[s:e] for s, e in enc.offsets] == ["Café", "au", "lait", ",", "über", "alles"]
+    assert win[:, 0].tolist()[:3] == [0, 0, 1] and np.isnan(win[3, 0]) and win[4:, 0].tolist() == [2, 3]
+
+
+def test_caption_encoder_equals_the_tokenizer():
+    from loctex.data.bench_prepare import coco_like_lines
+    from loctex.data.tokenizer import CaptionEncoder, train_tokenizer
+    import json
+    caps = [json.loads(s)["caption"] for s in coco_like_lines(200, points=10)]
+    caps += ["A man's hat (red) -- 2,000 dogs!!", "x" * 150 + " ok", "Tab\there\nnew", "",
+             "Café au lait", "weird\x01ctrl", "   spaces   ", "abc123def 12.5 top-left's"]
+    tok = train_tokenizer(caps[:150], vocab_size=400)
+    got = CaptionEncoder(tok).encode_batch(caps)
+    for cap, (ids, offsets), e in zip(caps, got, tok.encode_batch(caps, add_special_tokens=False)):
+        assert (list(ids), [tuple(o) for o in offsets]) == (e.ids, [tuple(o) for o in e.offsets]), cap

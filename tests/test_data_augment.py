@@ -86,3 +86,37 @@ def test_color_jitter_identity_and_range():
     d = G.Decision(brightness=1.3, contrast=0.7, saturation=1.2)
     z = G.color_jitter_(x.clone(), d)
     assert z.min() >= 0 and z.max() <= 1 and not torch.equal(z, x)
+
+
+def test_reduced_size_jpeg_decode_matches_full_decode(tmp_path):
+    from loctex.data.dataset import load_image
+    W, H, S = 640, 480, 96
+    yy, xx = np.mgrid[0:H, 0:W]
+    img = np.stack([(xx * 255 // W), (yy * 255 // H), ((xx + yy) * 255 // (W + H))], -1)
+    img = (img * 0.2).astype(np.uint8)  # dark, so the blob is what bright_centroid sees
+    cx, cy = 301, 222
+    img[cy - 6:cy + 7, cx - 6:cx + 7] = 255
+    path = tmp_path / "big.jpg"
+    Image.fromarray(img).save(path, quality=95)
+    import simplejpeg
+    data = path.read_bytes()
+    for d in (G.Decision(x0=0.25, y0=0.2, w=0.6, h=0.6, flip=True),
+              G.Decision(x0=0.3, y0=0.25, w=0.41, h=0.45),       # a 3/8-scale decode
+              G.Decision(x0=0.35, y0=0.35, w=0.25, h=0.25, flip=True)):  # 7/8
+        need = (int(np.ceil(S / d.w)), int(np.ceil(S / d.h)))
+        assert simplejpeg.decode_jpeg(data, min_width=need[0], min_height=need[1]).shape[1] < W
+        fast = np.asarray(load_image(path, d, S, reduced_decode=True), np.float64)
+        full = np.asarray(load_image(path, d, S, reduced_decode=False), np.float64)
+        psnr = 10 * np.log10(255 ** 2 / np.mean((fast - full) ** 2))
+        assert psnr > 28, (d, psnr)
+        point = np.array([[(cx + 0.5) / W, (cy + 0.5) / H]], np.float32)
+        moved = G.apply_to_points(point, d)[0] * S
+        gx, gy = bright_centroid(Image.fromarray(fast.astype(np.uint8)))
+        assert abs(gx + 0.5 - moved[0]) < 0.75 and abs(gy + 0.5 - moved[1]) < 0.75, (d, gx, gy)
+    # a PNG goes through PIL and lands the same way
+    Image.fromarray(img).save(tmp_path / "big.png")
+    d = G.Decision(x0=0.25, y0=0.2, w=0.6, h=0.6, flip=True)
+    png = np.asarray(load_image(tmp_path / "big.png", d, S), np.float64)
+    gx, gy = bright_centroid(Image.fromarray(png.astype(np.uint8)))
+    moved = G.apply_to_points(np.array([[(cx + 0.5) / W, (cy + 0.5) / H]], np.float32), d)[0] * S
+    assert abs(gx + 0.5 - moved[0]) < 0.75 and abs(gy + 0.5 - moved[1]) < 0.75

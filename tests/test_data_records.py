@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from loctex.data.bench_prepare import coco_like_lines
-from loctex.data.records import Narrative, RecordError, parse_line, parse_lines, parse_numbers
+from loctex.data.records import Narrative, RecordError, parse_csv_numbers, parse_line, parse_lines
 
 # A copy of ../shared/fixtures/ln_quirks.jsonl (and its README with the expected outcomes).
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ln_quirks.jsonl"
@@ -107,17 +107,15 @@ def test_malformed_lines_are_rejected_with_a_reason(line, code):
     assert isinstance(r, RecordError) and r.code == code and r.reason.startswith(code)
 
 
-def test_parse_numbers_is_exact_and_strict():
+def test_parse_csv_numbers_is_exact_and_strict():
     rng = np.random.default_rng(0)
     texts = [repr(round(float(x), int(d))) for x, d in zip(rng.uniform(-3, 60, 3000),
                                                            rng.integers(0, 8, 3000))]
-    texts += ["0", "-0", "100", "0.0001", "123456789012345"]
-    vals, ok = parse_numbers((",".join(texts) + ",").encode())
-    assert ok.all()
-    assert vals.tolist() == [float(t) for t in texts]
-    bad = ["01", "1.", ".5", "--1", "1.2.3", "-", "1-2", "1234567890123456"]
-    _, ok = parse_numbers((" ".join(bad)).encode())
-    assert not ok.any()
+    texts += ["0", "-0", "100", "0.0001", "123456789012345", "-7"]
+    vals, ok = parse_csv_numbers(",".join(texts).encode())
+    assert ok and vals.tolist() == [float(t) for t in texts]
+    for bad in ["01", "1.", ".5", "-.5", "--1", "1.2.3", "-", "1-2", "1234567890123456", ""]:
+        assert not parse_csv_numbers(f"3,{bad},4".encode())[1], bad
 
 
 def test_nan_and_inf_points_are_dropped():

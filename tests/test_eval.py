@@ -92,6 +92,29 @@ def test_voc07_end_to_end_on_a_miniature_vocdevkit(tmp_path):
     assert 0.0 <= res["mAP"] <= 1.0 and res["num_test"] == 24
 
 
+# ---- backbones -----------------------------------------------------------------------------
+
+def test_load_backbone_reads_wrapped_and_prefixed_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from loctex.eval.backbone import load_backbone
+    from loctex.models.resnet import build_resnet
+
+    ref = build_resnet("resnet18").eval()
+    state = {f"module.visual.{k}": v for k, v in ref.state_dict().items() if not k.startswith("fc.")}
+    state["module.text.embed.weight"] = torch.zeros(3, 4)  # the rest of a model is ignored
+    torch.save({"state_dict": state, "step": 3}, tmp_path / "ckpt.pth")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "tv.safetensors"))
+    x = torch.randn(2, 3, 64, 64)
+    for f in ("ckpt.pth", "tv.safetensors"):
+        model = load_backbone(str(tmp_path / f))  # arch read from the weights
+        assert len(model.layer3) == 2 and not hasattr(model.layer1[0], "conv3")
+        torch.testing.assert_close(model(x)[1], ref(x)[1])
+    with pytest.raises(ValueError, match="does not match"):
+        load_backbone(str(tmp_path / "tv.safetensors"), arch="resnet34")
+    assert load_backbone("random", "resnet18").out_channels == 512
+
+
 # ---- localization metrics -------------------------------------------------------------------
 
 def test_half_mass_set_and_pointing_on_hand_made_maps():
@@ -141,8 +164,80 @@ def test_miou_against_a_hand_computed_confusion_matrix():
     assert metrics.mean_iou(conf) == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
 
 
+def test_dense_probe_confusion_of_a_known_predictor():
+    from loctex.eval import dense_probe
+
+    class Fixed(torch.nn.Module):  # predicts class 1 on the left half, 0 on the right half
+        def forward(self, feats, out_size):
+            logits = torch.zeros(len(feats[0]), 3, *out_size)
+            logits[:, 1, :, : out_size[1] // 2] = 1.0
+            logits[:, 0, :, out_size[1] // 2:] = 1.0
+            return logits
+
+    masks = torch.zeros(2, 4, 4, dtype=torch.uint8)
+    masks[0, :, :1] = 1        # 4 pixels of class 1, all on the left
+    masks[1, :2, :] = 2        # 8 pixels of class 2, half left, half right
+    masks[1, 3, 3] = 255       # ignored
+    feats = [torch.zeros(2, 1, 1, 1)]
+    conf = dense_probe.predict_confusion(Fixed(), feats, masks, 3, batch_size=1)
+    # gt 0: image 0 has 12 (4 left -> 1, 8 right -> 0); image 1 has 7 (4 left -> 1, 3 right -> 0)
+    np.testing.assert_array_equal(conf, [[11, 8, 0], [0, 4, 0], [4, 4, 0]])
+
+
+def test_dense_probe_learns_separable_labels():
+    from loctex.eval import dense_probe
+
+    # features that say which class each stride-8 cell holds: the head must learn to read them
+    rng = np.random.default_rng(0)
+    cells = torch.from_numpy(rng.integers(0, 3, (24, 4, 4)))
+    feats = [torch.nn.functional.one_hot(cells, 3).permute(0, 3, 1, 2).float()]
+    masks = cells.repeat_interleave(8, 1).repeat_interleave(8, 2).to(torch.uint8)
+    head = dense_probe.train_head(feats, masks, 3, steps=60, lr=1e-2)
+    conf = dense_probe.predict_confusion(head, feats, masks, 3)
+    assert metrics.mean_iou(conf) > 0.9
+
+
 def test_recall_at_one():
     q = torch.eye(3)
     g = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0]])
     assert metrics.recall_at_k(q, g, 1) == pytest.approx(1 / 3)
     assert metrics.recall_at_k(q, g, 3) == pytest.approx(1.0)
+
+
+# ---- loctex reproduce ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_reproduce_quick_runs_end_to_end(tmp_path):
+    """The whole comparison at a tiny budget: synth -> tokenizer -> prepare -> two pre-trainings
+    through the engine -> probes and localization -> table, results.json, PNG."""
+    import json
+
+    import yaml
+
+    from loctex.cli import main
+
+    out = tmp_path / "repro"
+    rc = main(["reproduce", "--quick", "--out", str(out), "--num-images", "40", "--steps", "2",
+               "--probe-steps", "4", "--workers", "0", "--set", "data.image_size=64",
+               "train.micro_batch_size=8", "data.num_workers=0", "train.log_every=1"])
+    assert rc == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["budget"]["pretrain_steps"] == 2 and report["budget"]["image_size"] == 64
+    table = report["table"]
+    assert set(table["linear probe mAP"]) == {"random", "contrastive", "loctex"}
+    for label, row in table.items():
+        for model, v in row.items():
+            if model == "random" and label.startswith(("pointing", "box", "retrieval", "mean KL")):
+                assert v is None  # the random backbone has no text tower to point with
+            elif not label.startswith("mean KL"):
+                assert v is not None and 0.0 <= v <= 1.0, (label, model, v)
+    loc = report["results"]["loctex"]["localization"]
+    assert loc["target_tokens"] > 0 and loc["grounded_tokens"] > 0
+    assert (out / "results.png").stat().st_size > 1000
+    # both runs trained with the same budget and seed; only the localization weight differs
+    cfgs = [yaml.safe_load((out / "runs" / n / "config.yaml").read_text())
+            for n in ("contrastive", "loctex")]
+    assert cfgs[0]["loss"]["localization_weight"] == 0 and cfgs[1]["loss"]["localization_weight"] > 0
+    for c in cfgs:
+        c["loss"].pop("localization_weight"), c.pop("run_dir")
+    assert cfgs[0] == cfgs[1]

@@ -210,7 +210,7 @@ def test_forward_contract_and_loss_wiring():
     feats, caption = model.text(batch["tokens"], batch["attention_mask"])
     img, txt = model.contrastive.embed_image(pooled), model.contrastive.embed_text(caption)
     torch.testing.assert_close(out["loss_contrastive"], K.reference.contrastive_loss(
-        img, txt, model.contrastive.logit_scale))
+        img, txt, model.contrastive.log_scale()))
     q, k = model.attention.queries(feats), model.attention.keys(fmap)
     assert k.shape == (4, 4, 32)  # 64 px -> 2x2 grid
     torch.testing.assert_close(out["loss_localization"], K.reference.trace_attention_loss(

@@ -93,14 +93,9 @@ template <typename T>
 class TraceRenderer {
  public:
   TraceRenderer(int64_t H, int64_t W, double sigma)
-      : H_(H), W_(W), Wp_((W + 7) / 8 * 8), a_(static_cast<T>(-1.0 / (2.0 * sigma * sigma))),
-        inv_s2_(static_cast<T>(1.0 / (sigma * sigma))), cx_(Wp_), cy_(H), pad_(H * Wp_) {
-    // Padding columns sit at +inf: their factor is exp(-inf) = 0.
-    for (int64_t w = 0; w < Wp_; ++w)
-      cx_[w] = w < W ? (static_cast<T>(w) + T(0.5)) / static_cast<T>(W)
-                     : std::numeric_limits<T>::infinity();
-    for (int64_t h = 0; h < H; ++h) cy_[h] = (static_cast<T>(h) + T(0.5)) / static_cast<T>(H);
-  }
+      : H_(H), W_(W), Hp_(pad8(H)), Wp_(pad8(W)), a_(static_cast<T>(-1.0 / (2.0 * sigma * sigma))),
+        inv_s2_(static_cast<T>(1.0 / (sigma * sigma))), cx_(centers(W, Wp_)), cy_(centers(H, Hp_)),
+        pad_(H * Wp_) {}
 
   // Writes R[H*W] for points [s, e) and returns ΣR.
   T render(const T* pts, const T* wts, int64_t s, int64_t e, T* R) {
@@ -109,10 +104,11 @@ class TraceRenderer {
     std::fill(pad, pad + H_ * Wp_, T(0));
     for (int64_t i = 0; i < e - s; ++i) {
       const T* exi = ex_.data() + i * Wp_;
-      const T* eyi = ey_.data() + i * H_;
+      const T* eyi = ey_.data() + i * Hp_;
+      const T wi = wts[s + i];
       for (int64_t h = 0; h < H_; ++h) {
         T* row = pad + h * Wp_;
-        const T c = wts[s + i] * eyi[h];
+        const T c = wi * eyi[h];
 #pragma omp simd
         for (int64_t w = 0; w < Wp_; ++w) row[w] += c * exi[w];
       }
@@ -133,9 +129,9 @@ class TraceRenderer {
                        T* dwts) const {
     for (int64_t i = s; i < e; ++i) {
       const T* exi = ex_.data() + (i - s) * Wp_;
-      const T* eyi = ey_.data() + (i - s) * H_;
+      const T* eyi = ey_.data() + (i - s) * Hp_;
       const T px = pts[2 * i], py = pts[2 * i + 1];
-      T gw = 0, gx = 0, gy = 0;
+      T gw = 0, gx = 0, gy = 0;  // Σ dR·g_i and its x and y moments
       for (int64_t h = 0; h < H_; ++h) {
         const T* row = dR + h * W_;
         T r = 0, rx = 0;
@@ -155,27 +151,40 @@ class TraceRenderer {
   }
 
  private:
+  static int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
+
+  // Cell centers (i + 0.5) / n, padded to np entries with +inf, whose factor is exp(-inf) = 0.
+  static std::vector<T> centers(int64_t n, int64_t np) {
+    std::vector<T> c(np, std::numeric_limits<T>::infinity());
+    for (int64_t i = 0; i < n; ++i) c[i] = (static_cast<T>(i) + T(0.5)) / static_cast<T>(n);
+    return c;
+  }
+
+  // EX[i, :] = exp(a (x_i - cx)²) and EY[i, :] = exp(a (y_i - cy)²) for the points [s, e).
   void factors(const T* pts, int64_t s, int64_t e) {
     const int64_t n = e - s;
-    if (static_cast<int64_t>(ey_.size()) < n * H_) {
+    if (static_cast<int64_t>(ex_.size()) < n * Wp_) {
       ex_.resize(n * Wp_);
-      ey_.resize(n * H_);
+      ey_.resize(n * Hp_);
     }
     T* ex = ex_.data();
     T* ey = ey_.data();
+    const T* cx = cx_.data();
+    const T* cy = cy_.data();
     for (int64_t i = 0; i < n; ++i) {
       const T px = pts[2 * (s + i)], py = pts[2 * (s + i) + 1];
 #pragma omp simd
-      for (int64_t w = 0; w < Wp_; ++w) ex[i * Wp_ + w] = a_ * (px - cx_[w]) * (px - cx_[w]);
-      for (int64_t h = 0; h < H_; ++h) ey[i * H_ + h] = a_ * (py - cy_[h]) * (py - cy_[h]);
+      for (int64_t w = 0; w < Wp_; ++w) ex[i * Wp_ + w] = a_ * (px - cx[w]) * (px - cx[w]);
+#pragma omp simd
+      for (int64_t h = 0; h < Hp_; ++h) ey[i * Hp_ + h] = a_ * (py - cy[h]) * (py - cy[h]);
     }
 #pragma omp simd
     for (int64_t j = 0; j < n * Wp_; ++j) ex[j] = exp_nonpositive(ex[j]);
 #pragma omp simd
-    for (int64_t j = 0; j < n * H_; ++j) ey[j] = exp_nonpositive(ey[j]);
+    for (int64_t j = 0; j < n * Hp_; ++j) ey[j] = exp_nonpositive(ey[j]);
   }
 
-  int64_t H_, W_, Wp_;
+  int64_t H_, W_, Hp_, Wp_;
   T a_, inv_s2_;
   std::vector<T> cx_, cy_, pad_, ex_, ey_;
 };

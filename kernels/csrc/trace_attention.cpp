@@ -44,18 +44,18 @@ T token_loss(LossType lt, int64_t N, const T* R, T S, T* z, const T* e, T se, T 
     case LossType::kKL:  // Σ P (log P − log A), 0·log 0 = 0
 #pragma omp simd reduction(+ : loss)
       for (int64_t n = 0; n < N; ++n) {
-        const T P = R[n] * inv_S;
-        loss += P > 0 ? P * (log_positive(P) - (z[n] - lse)) : T(0);
+        const T P = R[n] / S;  // P = 0 gives 0·(finite): no branch, so the loop vectorizes
+        loss += P * (log_positive(std::max(P, std::numeric_limits<T>::min())) - (z[n] - lse));
       }
       break;
     case LossType::kCE:  // −Σ P log A
 #pragma omp simd reduction(+ : loss)
-      for (int64_t n = 0; n < N; ++n) loss -= R[n] * inv_S * (z[n] - lse);
+      for (int64_t n = 0; n < N; ++n) loss -= R[n] / S * (z[n] - lse);
       break;
     case LossType::kL1:  // Σ |A − P|
 #pragma omp simd reduction(+ : loss, t_term)
       for (int64_t n = 0; n < N; ++n) {
-        const T A = e[n] * inv_se, d = A - R[n] * inv_S;
+        const T A = e[n] * inv_se, d = A - R[n] / S;
         loss += std::abs(d);
         t_term += sign(d) * A;
       }
@@ -63,7 +63,7 @@ T token_loss(LossType lt, int64_t N, const T* R, T S, T* z, const T* e, T se, T 
     case LossType::kMSE:  // Σ (A − P)²
 #pragma omp simd reduction(+ : loss, t_term)
       for (int64_t n = 0; n < N; ++n) {
-        const T A = e[n] * inv_se, d = A - R[n] * inv_S;
+        const T A = e[n] * inv_se, d = A - R[n] / S;
         loss += d * d;
         t_term += 2 * d * A;
       }
@@ -73,7 +73,7 @@ T token_loss(LossType lt, int64_t N, const T* R, T S, T* z, const T* e, T se, T 
     // G = dℓ/dP; with P = R/S, dℓ/dR_n = (G_n − Σ_m G_m P_m) / S (written over G).
     T GP = 0;
     for (int64_t n = 0; n < N; ++n) {
-      const T P = R[n] * inv_S, A = e[n] * inv_se, log_A = z[n] - lse;
+      const T P = R[n] / S, A = e[n] * inv_se, log_A = z[n] - lse;
       switch (lt) {
         case LossType::kKL: G[n] = (P > 0 ? std::log(P) + 1 : T(0)) - log_A; break;
         case LossType::kCE: G[n] = -log_A; break;
@@ -90,20 +90,20 @@ T token_loss(LossType lt, int64_t N, const T* R, T S, T* z, const T* e, T se, T 
       case LossType::kKL:
       case LossType::kCE:
 #pragma omp simd
-        for (int64_t n = 0; n < N; ++n) z[n] = scale * (e[n] * inv_se - R[n] * inv_S);
+        for (int64_t n = 0; n < N; ++n) z[n] = scale * (e[n] * inv_se - R[n] / S);
         break;
       case LossType::kL1:
 #pragma omp simd
         for (int64_t n = 0; n < N; ++n) {
           const T A = e[n] * inv_se;
-          z[n] = scale * A * (sign(A - R[n] * inv_S) - t_term);
+          z[n] = scale * A * (sign(A - R[n] / S) - t_term);
         }
         break;
       case LossType::kMSE:
 #pragma omp simd
         for (int64_t n = 0; n < N; ++n) {
           const T A = e[n] * inv_se;
-          z[n] = scale * A * (2 * (A - R[n] * inv_S) - t_term);
+          z[n] = scale * A * (2 * (A - R[n] / S) - t_term);
         }
         break;
     }
@@ -217,8 +217,12 @@ Outputs trace_attention_loss_cpu(const at::Tensor& q, const at::Tensor& k,
     inv_n = 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1));
     loss = at::scalar_tensor(sum * inv_n, qf.options());
   });
-  at::Tensor dq = grad_q ? at::bmm(Z, kf).mul_(inv_n) : at::empty({0}, qf.options());
-  at::Tensor dk = grad_k ? at::bmm(Z.transpose(1, 2), qf).mul_(inv_n) : at::empty({0}, kf.options());
+  // dq = dZ·k / n_valid, dk = dZᵀ·q / n_valid (the GEMM applies the 1/n_valid)
+  at::Tensor dq = grad_q ? at::baddbmm(at::empty({B, L, D}, qf.options()), Z, kf, 0.0, inv_n)
+                         : at::empty({0}, qf.options());
+  at::Tensor dk = grad_k ? at::baddbmm(at::empty({B, N, D}, kf.options()), Z.transpose(1, 2), qf,
+                                       0.0, inv_n)
+                         : at::empty({0}, kf.options());
   if (grad_points) {
     dpts.mul_(inv_n);
     dwts.mul_(inv_n);

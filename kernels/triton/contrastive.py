@@ -2,23 +2,31 @@
 
 ``loss = ½ (mean_i (lse_row_i − S_ii) + mean_j (lse_col_j − S_jj))`` with ``S = s · A Bᵀ``.
 
-Forward (``_fwd_kernel``): the N x N logit matrix is cut into a (row chunk) x (column chunk) grid
-of programs. Each program walks its tiles once, keeping the rows' running max / sum-exp in
-registers and its own copy of the columns' running max / sum-exp in a small scratch
-(read-modify-write, private to the program), so one pass gives both directions. The per-chunk
-partials (O(N · chunks) floats) are merged with a log-sum-exp; only the row and column LSEs are
-saved for backward.
+Forward (``_fwd_kernel``): the logit matrix is cut into a (row chunk) x (column chunk) grid of
+programs. Each program walks its tiles once (a K-loop over D per tile, like a GEMM), keeping its
+rows' running max / sum-exp in registers and its columns' running max / sum-exp in a scratch row
+of its own (read-modify-write, private to the program), so one pass over the N² logits gives both
+directions. The per-chunk partials (O(N · chunks) floats) are merged by a log-sum-exp; only the
+row and column LSEs (and nothing N x N) are kept for backward.
 
-Backward (``_bwd_kernel``): recomputes each tile, forms
-``G = P_row + P_col − 2·I`` (``dL/dS = coef · G``, coef = grad / 2N) and accumulates ``G @ B``
-for one side; called a second time with the operands swapped for the other side (``Gᵀ @ A``).
-The same pass sums ``G ∘ (A Bᵀ)`` for d(scale). ``s = exp(logit_scale)`` clamped ≤ 100 stays in
+Backward: ``dL/dS = coef · G`` with ``G = P_row + P_col − 2·I`` (P = exp(S − LSE) per direction,
+coef = grad / 2N). ``_grad_kernel`` recomputes the logits of a block of rows against every column
+and writes that block of G (16-bit for 16-bit inputs); two GEMMs then give ``d(image) = coef·s·G B``
+and ``d(text) += coef·s·Gᵀ A`` at cuBLAS speed, and the kernel also sums ``G ∘ (A Bᵀ)`` for
+d(scale). The block holds ``max(4·D, 256 MiB worth)`` rows, so memory stays O(N · D) and the flops
+stay the nominal 8·N²·D of forward + backward. ``s = exp(logit_scale)`` clamped ≤ 100 is left to
 PyTorch autograd, so the clamp's zero gradient is exactly torch's.
 
 Everything works on "rows ``a`` against columns ``b`` with the positive pair of row i at column
-``i + diag_off``", so the distributed loss (local rows vs gathered columns, one direction per
-call) uses the same two kernels. Memory: O(N · D). Accumulation in float32; bf16/fp16 operands
-feed the tensor cores directly, float32 operands use 3xTF32 (close to float32 accuracy).
+``i + diag_off``": the distributed loss (local rows vs gathered columns, one direction at a time)
+runs the same kernels. Accumulation is float32; bf16/fp16 operands feed the tensor cores
+directly, float32 operands use 3xTF32 (close to float32 accuracy).
+
+Precision: each LSE is one float32, so the loss and exp(S − LSE) carry an absolute error of about
+ulp(largest logit) (~4e-6 at s = 100) — invisible at ordinary losses, but when the softmax
+saturates (loss ~ 1e-10) the gradients are that noise rather than their ~1e-11 true size, as in
+FlashAttention. With bf16 inputs G is rounded to bf16 for the GEMMs: gradients carry ~0.5% noise.
+The kernels use no atomics: the partials merge in a fixed order.
 """
 from __future__ import annotations
 
@@ -34,8 +42,7 @@ from ..reference import MAX_LOGIT_SCALE, _rank_offset_and_total
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-MAX_D = 1024            # whole embedding rows live in one tile (the backward's accumulator is BLOCK_M x D)
-INTERPRET_TILES = (16, 16)  # fixed (BLOCK_M, BLOCK_N) under TRITON_INTERPRET=1
+INTERPRET_TILES = (16, 16, 16)  # fixed (BLOCK_M, BLOCK_N, BLOCK_K) under TRITON_INTERPRET=1
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -51,10 +58,27 @@ def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _dots(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_a, stride_b,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``a[offs_m] · b[offs_n]ᵀ`` in float32, K-loop over D (masked rows read as 0)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_a
+    b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_b
+    for k in range(0, D, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < D
+        a = tl.load(a_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc += _mm(a, tl.trans(b), PREC, UPCAST)
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(a_ptr, b_ptr, scale_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_ptr,
                 M, N, D, stride_a, stride_b, M_KEY, N_KEY,
                 ROW_STATS: tl.constexpr, COL_STATS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Program (r, c): rows of chunk r against columns of chunk c. Writes, in base 2,
     row partials [c, M] (max, sum-exp) and column partials [r, N]."""
@@ -71,21 +95,16 @@ def _fwd_kernel(a_ptr, b_ptr, scale_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_
     ct0 = pid_c * col_tiles // n_c
     ct1 = (pid_c + 1) * col_tiles // n_c
     scale2 = tl.load(scale_ptr) * 1.4426950408889634   # logits in base 2: exp2 instead of exp
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
     for rt in range(rt0, rt1):
         offs_m = rt * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        a = tl.load(a_ptr + offs_m[:, None] * stride_a + offs_d[None, :],
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         for ct in range(ct0, ct1):
             offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            b = tl.load(b_ptr + offs_n[:, None] * stride_b + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            s = _mm(a, tl.trans(b), PREC, UPCAST) * scale2
+            s = _dots(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_a, stride_b,
+                      BLOCK_M, BLOCK_N, BLOCK_K, PREC, UPCAST) * scale2
             if ROW_STATS:
                 s_r = tl.where(mask_n[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s_r, 1))
@@ -101,106 +120,71 @@ def _fwd_kernel(a_ptr, b_ptr, scale_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_
                 l_c = l_old * tl.exp2(m_old - m_c) + tl.sum(tl.exp2(s_c - m_c[None, :]), 0)
                 tl.store(col_m_ptr + col, m_c, mask=mask_n)
                 tl.store(col_l_ptr + col, l_c, mask=mask_n)
-                tl.debug_barrier()  # the next visit of these columns may be read by other threads
+                # other threads read these columns at the next row tile: order the accesses (this
+                # barrier also keeps Triton from pipelining across tiles; the K-loop still is)
+                tl.debug_barrier()
         if ROW_STATS:
             tl.store(row_m_ptr + pid_c * M + offs_m, m_i, mask=mask_m)
             tl.store(row_l_ptr + pid_c * M + offs_m, l_i, mask=mask_m)
 
 
 @triton.jit
-def _bwd_kernel(a_ptr, b_ptr, scale_ptr, coef_ptr, lse_r_ptr, lse_c_ptr, da_ptr, ds_ptr,
-                M, N, D, stride_a, stride_b, stride_da, diag_off, M_KEY, N_KEY,
-                HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, COMPUTE_DS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Program (m, c): dA[rows m] += coef · s · Σ_{cols in split c} G B, G = P_row + P_col − k·I
-    (LSEs in base 2). Several column splits add into da with atomics (da zeroed by the host)."""
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n_c = tl.num_programs(1)
-    col_tiles = tl.cdiv(N, BLOCK_N)
-    ct0 = pid_c * col_tiles // n_c
-    ct1 = (pid_c + 1) * col_tiles // n_c
-    scale = tl.load(scale_ptr)
-    scale2 = scale * 1.4426950408889634
+def _grad_kernel(a_ptr, b_ptr, scale_ptr, lse_r_ptr, lse_c_ptr, g_ptr, ds_ptr,
+                 M, N, D, stride_a, stride_b, stride_g, diag_off, M_KEY, N_KEY,
+                 HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, COMPUTE_DS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile of ``G = exp2(S2 − lse_r) + exp2(S2 − lse_c) − k·I`` (base-2 logits and LSEs;
+    k = number of directions), stored in g's dtype; ``ds[pid] = Σ G ∘ (a bᵀ)`` over the tile."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % n_m      # neighbouring programs share a column tile; the row block stays in L2
+    pid_n = pid // n_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    a = tl.load(a_ptr + offs_m[:, None] * stride_a + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    mask_n = offs_n < N
+    dots = _dots(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_a, stride_b,
+                 BLOCK_M, BLOCK_N, BLOCK_K, PREC, UPCAST)
+    s = dots * (tl.load(scale_ptr) * 1.4426950408889634)
+    g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if HAS_ROW:
-        lse_r = tl.load(lse_r_ptr + offs_m, mask=mask_m, other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    ds_acc = tl.zeros([BLOCK_M], tl.float32)
-    for ct in range(ct0, ct1):
-        offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        b = tl.load(b_ptr + offs_n[:, None] * stride_b + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        dots = _mm(a, tl.trans(b), PREC, UPCAST)
-        s = dots * scale2
-        g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if HAS_ROW:
-            g += tl.exp2(s - lse_r[:, None])
-        if HAS_COL:
-            lse_c = tl.load(lse_c_ptr + offs_n, mask=mask_n, other=0.0)
-            g += tl.exp2(s - lse_c[None, :])
-        n_dir = HAS_ROW + HAS_COL
-        g = tl.where(offs_n[None, :] == offs_m[:, None] + diag_off, g - n_dir, g)
-        g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
-        if COMPUTE_DS:
-            ds_acc += tl.sum(g * dots, 1)
-        acc += _mm(g.to(b.dtype), b, PREC, UPCAST)
-    coef = tl.load(coef_ptr)
-    acc = acc * (coef * scale)
-    da = da_ptr + offs_m[:, None] * stride_da + offs_d[None, :]
-    mask = mask_m[:, None] & mask_d[None, :]
-    if n_c == 1:
-        tl.store(da, acc, mask=mask)
-    else:
-        tl.atomic_add(da, acc, mask=mask)
+        g += tl.exp2(s - tl.load(lse_r_ptr + offs_m, mask=mask_m, other=0.0)[:, None])
+    if HAS_COL:
+        g += tl.exp2(s - tl.load(lse_c_ptr + offs_n, mask=mask_n, other=0.0)[None, :])
+    n_dir = HAS_ROW + HAS_COL
+    g = tl.where(offs_n[None, :] == offs_m[:, None] + diag_off, g - n_dir, g)
+    mask = mask_m[:, None] & mask_n[None, :]
+    g = tl.where(mask, g, 0.0)
+    tl.store(g_ptr + offs_m.to(tl.int64)[:, None] * stride_g + offs_n[None, :],
+             g.to(g_ptr.dtype.element_ty), mask=mask)
     if COMPUTE_DS:
-        tl.atomic_add(ds_ptr, tl.sum(ds_acc, 0) * coef)
+        tl.store(ds_ptr + pid, tl.sum(tl.sum(g * dots, 1), 0))
 
 
 # ----------------------------------------------------------------------------------------------
 # autotuning (CUDA only; the interpreter uses INTERPRET_TILES or the caller's tiles)
 
-def _bytes_per_elem(named_args) -> int:
-    return named_args["a_ptr"].element_size()
-
-
-def _prune_fwd(configs, named_args, **kwargs):
-    bd = triton.next_power_of_2(named_args["D"])
-    elt = _bytes_per_elem(named_args)
-    # the row tile stays resident; the column tiles are pipelined num_stages deep (shared memory)
+def _prune(configs, named_args, **kwargs):
+    elt = named_args["a_ptr"].element_size()
     keep = [c for c in configs
-            if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"] * c.num_stages) * bd * elt <= 200 * 1024]
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+            # operand tiles in shared memory, num_stages deep
+            if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elt * c.num_stages <= 160 * 1024
+            # <= 32 logits per thread: bigger tiles spill on sm_90 (checked with ptxas: 128x128 on
+            # 8 warps needs > 255 registers in both kernels, 64x128 needs 98-168)
+            and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps]
+    return keep or configs[:1]
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    bd = triton.next_power_of_2(named_args["D"])
-    elt = _bytes_per_elem(named_args)
-    keep = [c for c in configs
-            # fp32 accumulator of BLOCK_M x D: at most ~128 registers per thread
-            if c.kwargs["BLOCK_M"] * bd <= 128 * 32 * c.num_warps
-            and (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"] * c.num_stages) * bd * elt <= 200 * 1024]
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-
-_FWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for st in (2, 3)]
-_BWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                for bm in (32, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (1, 2, 3)]
-_MAX_TUNED_BLOCK_M = 128
-_KEY = ["M_KEY", "N_KEY", "D", "ROW_STATS", "COL_STATS"]
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY,
-                             prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
-_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["M_KEY", "N_KEY", "D", "HAS_ROW", "HAS_COL", "COMPUTE_DS"],
-                             prune_configs_by={"early_config_prune": _prune_bwd},
-                             reset_to_zero=["da_ptr", "ds_ptr"])(_bwd_kernel)
+_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bm, bn, w in ((64, 64, 4), (64, 128, 8), (128, 64, 8), (64, 64, 8))
+            for bk in (32, 64) for st in (3, 4)]
+_MAX_TUNED_BLOCK = max(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _CONFIGS)
+_fwd_tuned = triton.autotune(_CONFIGS, key=["M_KEY", "N_KEY", "D", "ROW_STATS", "COL_STATS"],
+                             prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
+_grad_tuned = triton.autotune(_CONFIGS, key=["M_KEY", "N_KEY", "D", "HAS_ROW", "HAS_COL", "COMPUTE_DS"],
+                              prune_configs_by={"early_config_prune": _prune},
+                              reset_to_zero=["ds_ptr"])(_grad_kernel)
 
 
 def _size_key(n: int) -> int:
@@ -208,10 +192,12 @@ def _size_key(n: int) -> int:
     return min(16, max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few programs, so that chunking and atomics get exercised
+def _kernel_and_meta(tuned, plain, tiles):
+    """(kernel, fixed meta, largest BLOCK_M/BLOCK_N it may use)."""
+    if tiles is None and not _INTERPRET:
+        return tuned, {}, _MAX_TUNED_BLOCK
+    bm, bn, bk = tiles or INTERPRET_TILES
+    return plain, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, max(bm, bn)
 
 
 def _precision(t: torch.Tensor) -> dict:
@@ -226,23 +212,20 @@ def _lse2(a, b, scale, row_stats: bool, col_stats: bool, tiles=None):
     """Row and/or column log-sum-exp of ``scale · a bᵀ`` in base 2 (``log2 Σ 2^(log2e · S)``), float32."""
     M, D = a.shape
     N = b.shape[0]
-    bd = max(16, triton.next_power_of_2(D))
-    dev = a.device
-    if tiles is None and not _INTERPRET:
-        max_bm, max_bn, kernel, meta = _MAX_TUNED_BLOCK_M, 128, _fwd_tuned, {}
-    else:
-        bm, bn = tiles or INTERPRET_TILES
-        max_bm, max_bn, kernel, meta = bm, bn, _fwd_kernel, {"BLOCK_M": bm, "BLOCK_N": bn}
-    target = _target_programs(dev)
-    n_r = max(1, min(triton.cdiv(M, max_bm), 16, target))
-    n_c = max(1, min(triton.cdiv(N, max_bn), triton.cdiv(target, n_r)))
-    row_m = torch.empty((n_c, M) if row_stats else (1,), device=dev, dtype=torch.float32)
+    kernel, meta, max_block = _kernel_and_meta(_fwd_tuned, _fwd_kernel, tiles)
+    if a.is_cuda:
+        target = 4 * torch.cuda.get_device_properties(a.device).multi_processor_count
+        n_r = max(1, min(triton.cdiv(M, max_block), 16))
+    else:  # interpreter: a 2 x 2 grid at most, so that both kinds of chunk merging get exercised
+        target, n_r = 4, max(1, min(triton.cdiv(M, max_block), 2))
+    n_c = max(1, min(triton.cdiv(N, max_block), triton.cdiv(target, n_r)))
+    row_m = torch.empty((n_c, M) if row_stats else (1,), device=a.device, dtype=torch.float32)
     row_l = torch.empty_like(row_m)
-    col_m = torch.empty((n_r, N) if col_stats else (1,), device=dev, dtype=torch.float32)
+    col_m = torch.empty((n_r, N) if col_stats else (1,), device=a.device, dtype=torch.float32)
     col_l = torch.empty_like(col_m)
     kernel[(n_r, n_c)](a, b, scale, row_m, row_l, col_m, col_l, M, N, D, a.stride(0), b.stride(0),
                        _size_key(M), _size_key(N), ROW_STATS=row_stats, COL_STATS=col_stats,
-                       BLOCK_D=bd, **meta, **_precision(a))
+                       **meta, **_precision(a))
 
     def merge(m2, l):  # chunk partials -> base-2 LSE (kept in base 2: no rounding on the way back)
         top = m2.max(dim=0).values
@@ -251,30 +234,76 @@ def _lse2(a, b, scale, row_stats: bool, col_stats: bool, tiles=None):
     return (merge(row_m, row_l) if row_stats else None, merge(col_m, col_l) if col_stats else None)
 
 
-def _grad_rows(a, b, scale, coef, lse_r, lse_c, diag_off: int, ds, compute_ds: bool, tiles=None):
-    """``coef · s · G @ b`` with ``G = exp(S − lse_r) + exp(S − lse_c) − k·I`` (base-2 LSEs from
-    ``_lse2``; either may be None; k = how many are given), float32 [M, D]; adds
-    ``coef · Σ G ∘ (a bᵀ)`` into ``ds`` [1] when ``compute_ds``."""
+def _softmax_grad(a, b, scale, lse_r, lse_c, diag_off: int, ds_out, tiles=None):
+    """G [M, N] in a's dtype (see ``_grad_kernel``); adds ``Σ G ∘ (a bᵀ)`` to ``ds_out`` if given."""
     M, D = a.shape
     N = b.shape[0]
-    da = torch.zeros((M, D), device=a.device, dtype=torch.float32)
-    target = _target_programs(a.device)
+    kernel, meta, _ = _kernel_and_meta(_grad_tuned, _grad_kernel, tiles)
+    g = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    min_bm, min_bn = (meta["BLOCK_M"], meta["BLOCK_N"]) if meta else (
+        min(c.kwargs["BLOCK_M"] for c in _CONFIGS), min(c.kwargs["BLOCK_N"] for c in _CONFIGS))
+    ds = torch.zeros(triton.cdiv(M, min_bm) * triton.cdiv(N, min_bn) if ds_out is not None else 1,
+                     device=a.device, dtype=torch.float32)
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](a, b, scale, scale if lse_r is None else lse_r, scale if lse_c is None else lse_c,
+                 g, ds, M, N, D, a.stride(0), b.stride(0), g.stride(0), diag_off, _size_key(M),
+                 _size_key(N), HAS_ROW=lse_r is not None, HAS_COL=lse_c is not None,
+                 COMPUTE_DS=ds_out is not None, **meta, **_precision(a))
+    if ds_out is not None:
+        ds_out += ds.sum()
+    return g
 
-    def grid(meta):
-        row_progs = triton.cdiv(M, meta["BLOCK_M"])
-        split = max(1, min(triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(target, row_progs)))
-        return (row_progs, split)
 
-    if tiles is None and not _INTERPRET:
-        kernel, meta = _bwd_tuned, {}
-    else:
-        bm, bn = tiles or INTERPRET_TILES
-        kernel, meta = _bwd_kernel, {"BLOCK_M": bm, "BLOCK_N": bn}
-    kernel[grid](a, b, scale, coef, scale if lse_r is None else lse_r, scale if lse_c is None else lse_c, da, ds,
-                 M, N, D, a.stride(0), b.stride(0), da.stride(0), diag_off, _size_key(M), _size_key(N),
-                 HAS_ROW=lse_r is not None, HAS_COL=lse_c is not None, COMPUTE_DS=compute_ds,
-                 BLOCK_D=max(16, triton.next_power_of_2(D)), **meta, **_precision(a))
-    return da
+_OUT_DTYPE_MM = {"ok": True}  # torch.mm/addmm(..., out_dtype=float32) on CUDA, until one fails
+
+
+def _mm_f32(x, y, out=None):
+    """``x @ y`` in float32, or added into float32 ``out``. 16-bit CUDA operands stay on the
+    tensor cores with float32 accumulation and output (``out_dtype``); where torch lacks it, each
+    block's product is rounded to 16 bits once before the float32 sum. On CPU (the interpreter's
+    tests) 16-bit operands are multiplied in float32."""
+    if x.dtype == torch.float32:
+        return x @ y if out is None else out.addmm_(x, y)
+    if x.is_cuda and _OUT_DTYPE_MM["ok"]:
+        try:
+            if out is None:
+                return torch.mm(x, y, out_dtype=torch.float32)
+            return torch.addmm(out, x, y, out_dtype=torch.float32, out=out)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_MM["ok"] = False
+    r = (x @ y).float() if x.is_cuda else x.float() @ y.float()
+    return r if out is None else out.add_(r)
+
+
+def _chunk_rows(M: int, N: int, D: int, elt: int) -> int:
+    """Rows of G per block: 256 MiB of G, but at least 4·D rows (keeps the GEMMs efficient and
+    the block O(N·D)), a multiple of 128."""
+    rows = max(4 * D, (256 << 20) // max(1, N * elt))
+    return min(M, max(128, rows // 128 * 128))
+
+
+def _grads(a, b, scale, coef, lse_r, lse_c, diag_off: int, need_a: bool, need_b: bool,
+           need_s: bool, tiles=None, chunk_rows=None):
+    """Gradients of ``coef · Σ_{rows} (LSEs − positive logit)`` over the block ``s · a bᵀ``:
+    (dA [M, D], dB [N, D], d scale [1]) in float32, each None when not needed."""
+    M, D = a.shape
+    N = b.shape[0]
+    rows = chunk_rows or _chunk_rows(M, N, D, a.element_size())
+    da = torch.empty((M, D), device=a.device, dtype=torch.float32) if need_a else None
+    db = torch.zeros((N, D), device=a.device, dtype=torch.float32) if need_b else None
+    ds = torch.zeros(1, device=a.device, dtype=torch.float32) if need_s else None
+    for r0 in range(0, M, rows):
+        r1 = min(M, r0 + rows)
+        g = _softmax_grad(a[r0:r1], b, scale, None if lse_r is None else lse_r[r0:r1], lse_c,
+                          diag_off + r0, ds, tiles)
+        if need_a:
+            da[r0:r1] = _mm_f32(g, b)
+        if need_b:
+            _mm_f32(g.t(), a[r0:r1], out=db)
+        del g
+    factor = coef * scale
+    return (None if da is None else da.mul_(factor), None if db is None else db.mul_(factor),
+            None if ds is None else ds.mul_(coef))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,8 +315,6 @@ def _prepare(image_emb, text_emb):
                          f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     if image_emb.shape[0] == 0:
         raise ValueError("contrastive loss of an empty batch")
-    if image_emb.shape[1] > MAX_D:
-        raise ValueError(f"the Triton contrastive loss supports D <= {MAX_D}, got {image_emb.shape[1]}")
     dtype = torch.promote_types(image_emb.dtype, text_emb.dtype)
     if dtype not in _SUPPORTED:
         raise TypeError(f"the Triton contrastive loss takes float32/bfloat16/float16, got {dtype}")
@@ -300,46 +327,42 @@ def _scale(logit_scale, device):
     return torch.exp(ls.float()).clamp(max=MAX_LOGIT_SCALE).reshape(1)
 
 
-def _diag(a, b, scale):
-    """``s · ⟨a_i, b_i⟩`` in float32 (O(N·D))."""
-    return (a.float() * b.float()).sum(-1) * scale
+def _local_loss(lse_i2t, lse_t2i, image, text, scale):
+    """``½ (mean(lse_i2t − S_ii) + mean(lse_t2i − S_ii))``; LSEs in base 2, S_ii = s⟨I_i, T_i⟩."""
+    # positive logits in float32, a block of rows at a time (no N x D float32 copies)
+    diag = torch.cat([(i.float() * t.float()).sum(-1) for i, t in zip(image.split(8192), text.split(8192))])
+    diag = diag * scale
+    return 0.5 * ((lse_i2t * LN2 - diag).sum() + (lse_t2i * LN2 - diag).sum()) / image.shape[0]
 
 
 class _ContrastiveLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image, text, scale, tiles):
+    def forward(ctx, image, text, scale, tiles, chunk_rows):
         lse_r, lse_c = _lse2(image, text, scale, True, True, tiles)
-        diag = _diag(image, text, scale)
-        n = image.shape[0]
-        loss = 0.5 * ((lse_r * LN2 - diag).sum() + (lse_c * LN2 - diag).sum()) / n
         ctx.save_for_backward(image, text, scale, lse_r, lse_c)
-        ctx.tiles = tiles
-        return loss
+        ctx.opts = (tiles, chunk_rows)
+        return _local_loss(lse_r, lse_c, image, text, scale)
 
     @staticmethod
     def backward(ctx, grad):
         image, text, scale, lse_r, lse_c = ctx.saved_tensors
-        n = image.shape[0]
-        coef = (grad.float() / (2 * n)).reshape(1)
         need_i, need_t, need_s = ctx.needs_input_grad[:3]
-        ds = torch.zeros(1, device=image.device, dtype=torch.float32)
-        d_image = d_text = None
-        if need_i or need_s:
-            d_image = _grad_rows(image, text, scale, coef, lse_r, lse_c, 0, ds, need_s, ctx.tiles)
-        if need_t:
-            d_text = _grad_rows(text, image, scale, coef, lse_c, lse_r, 0, ds, False, ctx.tiles)
-        return (d_image.to(image.dtype) if need_i else None,
-                d_text.to(text.dtype) if need_t else None, ds if need_s else None, None)
+        coef = (grad.float() / (2 * image.shape[0])).reshape(1)
+        d_image, d_text, ds = _grads(image, text, scale, coef, lse_r, lse_c, 0, need_i, need_t,
+                                     need_s, *ctx.opts)
+        return (None if d_image is None else d_image.to(image.dtype),
+                None if d_text is None else d_text.to(text.dtype), ds, None, None)
 
 
-def contrastive_loss_triton(image_emb, text_emb, logit_scale, *, tiles=None):
+def contrastive_loss_triton(image_emb, text_emb, logit_scale, *, tiles=None, chunk_rows=None):
     """Symmetric InfoNCE of DESIGN §3 (value and gradients as ``reference.contrastive_loss``).
 
-    ``tiles=(BLOCK_M, BLOCK_N)`` fixes the tiles (tests, benchmarks); by default CUDA autotunes
-    and the interpreter uses ``INTERPRET_TILES``. Returns a float32 scalar."""
+    ``tiles=(BLOCK_M, BLOCK_N, BLOCK_K)`` fixes the tiles and ``chunk_rows`` the rows of G per
+    backward block (tests, benchmarks); by default CUDA autotunes, the interpreter uses
+    ``INTERPRET_TILES``, and blocks hold ``_chunk_rows`` rows. Returns a float32 scalar."""
     image, text = _prepare(image_emb, text_emb)
     scale = _scale(logit_scale, image.device)
-    return _ContrastiveLoss.apply(image, text, scale, tiles)
+    return _ContrastiveLoss.apply(image, text, scale, tiles, chunk_rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,48 +398,44 @@ class _DistributedContrastiveLoss(torch.autograd.Function):
     convention of ``reference.distributed_contrastive_loss``."""
 
     @staticmethod
-    def forward(ctx, image, text, scale, group, offset, world, tiles):
+    def forward(ctx, image, text, scale, group, offset, world, tiles, chunk_rows):
         import torch.distributed as dist
         all_image = _all_gather(image, group)
         all_text = _all_gather(text, group)
         lse_i2t, _ = _lse2(image, all_text, scale, True, False, tiles)   # local images vs all captions
         lse_t2i, _ = _lse2(text, all_image, scale, True, False, tiles)   # local captions vs all images
-        diag = _diag(image, text, scale)
-        n = image.shape[0]
-        local = 0.5 * ((lse_i2t * LN2 - diag).sum() + (lse_t2i * LN2 - diag).sum()) / n
+        local = _local_loss(lse_i2t, lse_t2i, image, text, scale)
         total = local.detach().clone()
         dist.all_reduce(total, group=group)
         ctx.save_for_backward(image, text, all_image, all_text, scale, lse_i2t, lse_t2i)
-        ctx.group, ctx.offset, ctx.tiles = group, offset, tiles
+        ctx.group, ctx.offset, ctx.opts = group, offset, (tiles, chunk_rows)
         return total / world
 
     @staticmethod
     def backward(ctx, grad):
         image, text, all_image, all_text, scale, lse_i2t, lse_t2i = ctx.saved_tensors
-        off, group, tiles = ctx.offset, ctx.group, ctx.tiles
-        n = image.shape[0]
-        coef = (grad.float() / (2 * n)).reshape(1)
         need_s = ctx.needs_input_grad[2]
-        ds = torch.zeros(1, device=image.device, dtype=torch.float32)
-        # i2t block: rows = local images, columns = all captions, positives at column i + off
-        d_image = _grad_rows(image, all_text, scale, coef, lse_i2t, None, off, ds, need_s, tiles)
-        d_all_text = _grad_rows(all_text, image, scale, coef, None, lse_i2t, -off, ds, False, tiles)
-        # t2i block: rows = local captions, columns = all images
-        d_text = _grad_rows(text, all_image, scale, coef, lse_t2i, None, off, ds, need_s, tiles)
-        d_all_image = _grad_rows(all_image, text, scale, coef, None, lse_t2i, -off, ds, False, tiles)
-        d_image += _reduce_scatter(d_all_image, group)
-        d_text += _reduce_scatter(d_all_text, group)
-        return (d_image.to(image.dtype), d_text.to(text.dtype), ds if need_s else None,
-                None, None, None, None)
+        coef = (grad.float() / (2 * image.shape[0])).reshape(1)
+        # rows = local images vs columns = all captions (positives at column i + offset), then
+        # rows = local captions vs all images; the column gradients go back to their owners
+        d_image, d_all_text, ds_i2t = _grads(image, all_text, scale, coef, lse_i2t, None, ctx.offset,
+                                             True, True, need_s, *ctx.opts)
+        d_text, d_all_image, ds_t2i = _grads(text, all_image, scale, coef, lse_t2i, None, ctx.offset,
+                                             True, True, need_s, *ctx.opts)
+        d_image += _reduce_scatter(d_all_image, ctx.group)
+        d_text += _reduce_scatter(d_all_text, ctx.group)
+        return (d_image.to(image.dtype), d_text.to(text.dtype), ds_i2t + ds_t2i if need_s else None,
+                None, None, None, None, None)
 
 
-def distributed_contrastive_loss_triton(image_emb, text_emb, logit_scale, group=None, *, tiles=None):
+def distributed_contrastive_loss_triton(image_emb, text_emb, logit_scale, group=None, *,
+                                        tiles=None, chunk_rows=None):
     """The contrastive loss over the global batch of all ranks (DESIGN §3); same value and gradient
     convention as ``reference.distributed_contrastive_loss``. Single process: ``contrastive_loss_triton``."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return contrastive_loss_triton(image_emb, text_emb, logit_scale, tiles=tiles)
+        return contrastive_loss_triton(image_emb, text_emb, logit_scale, tiles=tiles, chunk_rows=chunk_rows)
     image, text = _prepare(image_emb, text_emb)
     scale = _scale(logit_scale, image.device)
     _, world, offset, _ = _rank_offset_and_total(image.shape[0], group)
-    return _DistributedContrastiveLoss.apply(image, text, scale, group, offset, world, tiles)
+    return _DistributedContrastiveLoss.apply(image, text, scale, group, offset, world, tiles, chunk_rows)

@@ -84,10 +84,20 @@ def align_utterances(caption: str, utterances) -> tuple[np.ndarray, int]:
     if n == 0:
         return spans, 0
     norm, index, word_start, word_end = _normalize_caption(caption)
+    keys = _keys(texts)
+    # Common case: the utterances, concatenated, are exactly the caption's words.
+    lengths = np.fromiter(map(len, keys), np.int64, n)
+    if lengths.all() and "".join(keys) == norm:
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        if word_start[starts].all() and word_end[ends - 1].all():
+            spans[:, 0] = index[starts]
+            spans[:, 1] = index[ends - 1] + 1
+            return spans, 0
     cursor, missing = 0, 0
     ws, we = word_start.tolist(), word_end.tolist()
     starts, ends, rows = [], [], []
-    for i, key in enumerate(_keys(texts)):
+    for i, key in enumerate(keys):
         if not key:
             missing += 1
             continue

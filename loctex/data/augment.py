@@ -191,14 +191,32 @@ def crop_box_pixels(d: Decision, width: int, height: int) -> tuple[float, float,
     return (d.x0 * width, d.y0 * height, (d.x0 + d.w) * width, (d.y0 + d.h) * height)
 
 
-def apply_to_image(img, d: Decision, size: int):
+def decoded_scale(decoded: int, source: int) -> float:
+    """The scale of a DCT-domain reduced JPEG decode (libjpeg scales by N/8): a decode of width
+    ``ceil(source * N / 8)`` maps source pixel coordinate ``u`` to ``u * N / 8`` exactly."""
+    if decoded >= source:
+        return 1.0
+    n = max(1, min(8, round(8 * decoded / source)))
+    return n / 8
+
+
+def apply_to_image(img, d: Decision, size: int, source_size: tuple[int, int] | None = None):
     """PIL image -> PIL RGB ``size`` x ``size``: sub-pixel crop + resize (bilinear), then flip.
-    Color jitter is applied on the tensor (:func:`color_jitter_`), after this."""
+    ``source_size``: the full-resolution (width, height) when ``img`` is a reduced-size decode, so
+    the box is placed by the exact decode scale. Color jitter is applied on the tensor
+    (:func:`color_jitter_`), after this."""
     from PIL import Image
 
     if img.mode != "RGB":
         img = img.convert("RGB")
-    out = img.resize((size, size), Image.BILINEAR, box=crop_box_pixels(d, *img.size))
+    if source_size is None or tuple(source_size) == img.size:
+        box = crop_box_pixels(d, *img.size)
+    else:
+        sx = decoded_scale(img.size[0], source_size[0])
+        sy = decoded_scale(img.size[1], source_size[1])
+        box = crop_box_pixels(d, source_size[0] * sx, source_size[1] * sy)
+        box = (box[0], box[1], min(box[2], img.size[0]), min(box[3], img.size[1]))
+    out = img.resize((size, size), Image.BILINEAR, box=box)
     if d.flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return out

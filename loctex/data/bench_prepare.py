@@ -99,6 +99,9 @@ def main(argv=None) -> int:
           f"{num_images} images; kept {report['kept']}, rejected {report['rejected']}")
     print(f"tokenizer training: {t_tok:.2f} s ({n / t_tok:,.0f} captions/s)")
     print(f"prepare: {t_prep:.2f} s wall = {n / t_prep:,.0f} narratives/s ({cores}; target >= 5,000)")
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {rss:.0f} MB")
     print(f"prepare: {c_prep:.2f} s CPU  = {n / c_prep:,.0f} narratives per CPU-second "
           f"(the wall figure is lower when other processes share the core)")
     return 0

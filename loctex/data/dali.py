@@ -38,7 +38,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 from collections import Counter
 
 import numpy as np
@@ -89,16 +88,40 @@ class DaliSampleSource:
         self.sampler = sampler          # ShardedBatchSampler: order(), steps, rank, batch size
         self.total_steps = total_steps  # None: infinite
         self.skip = frozenset(skip)     # narratives whose image failed inside DALI before
+        self.offset = 0                 # batches already produced by earlier pipelines
         self._orders: dict[int, np.ndarray] = {}
         self._placeholder = None
 
+    def __getstate__(self):
+        # Spawned workers get a recipe, not the data set: pickling its memory maps would copy them.
+        state = dict(self.__dict__)
+        ds = self.dataset
+        state["dataset"] = None
+        state["_dataset_spec"] = (type(ds), str(ds.packed.dir), ds.cfg, ds.train, ds.seed,
+                                  getattr(ds.packed, "image_root", None))
+        state["_orders"], state["_placeholder"] = {}, None
+        return state
+
+    def __setstate__(self, state):
+        spec = state.pop("_dataset_spec", None)
+        self.__dict__.update(state)
+        if spec is not None:
+            cls, path, cfg, train, seed, image_root = spec
+            kw = {"image_root": str(image_root)} if image_root is not None and \
+                "image_root" in cls.__init__.__code__.co_varnames else {}
+            self.dataset = cls(path, cfg, train=train, seed=seed, **kw)
+
     # -- which narrative -------------------------------------------------------------------------
     def position(self, iteration: int, idx_in_batch: int) -> tuple[int, int] | None:
-        """(narrative index, epoch) of sample ``idx_in_batch`` of loader batch ``iteration``."""
+        """(narrative index, epoch) of sample ``idx_in_batch`` of loader batch ``iteration``
+        (counted from the sampler's ``start_step`` plus ``offset``)."""
         s = self.sampler
+        iteration += self.offset
         if self.total_steps is not None and iteration >= self.total_steps:
             return None
         epoch, k = divmod(s.start_step + iteration, s.steps_per_epoch)
+        if hasattr(s, "batch"):  # ShardBatchSampler: per-rank shard order
+            return int(s.batch(epoch, k)[idx_in_batch]), epoch
         order = self._orders.get(epoch)
         if order is None:
             self._orders = {epoch: s.order(epoch)}  # one epoch at a time is enough
@@ -115,7 +138,7 @@ class DaliSampleSource:
         else:
             with open(packed.image_path(img), "rb") as f:
                 data = f.read()
-        return np.frombuffer(data, np.uint8)
+        return data
 
     # -- one sample ------------------------------------------------------------------------------
     def sample(self, index: int, epoch: int) -> tuple:
@@ -137,7 +160,8 @@ class DaliSampleSource:
                 continue
             d = ds.decision(i, epoch)
             W, H = ds.packed.image_size(ds.packed.image_index(i))
-            return self._pack(data, d, W, H, ds.annotations(i, d), i, skipped)
+            return self._pack(np.frombuffer(data, np.uint8), d, W, H, ds.annotations(i, d), i,
+                              skipped)
         # Every candidate was bad: the torch data set raises here; a DALI worker must not, so feed a
         # placeholder and let the loader raise the same error in the main process.
         if self._placeholder is None:
@@ -229,3 +253,150 @@ def build_pipeline(source: DaliSampleSource, batch_size: int, image_size: int,
 
 def _gray(x):
     return x[:, :, 0] * 0.299 + x[:, :, 1] * 0.587 + x[:, :, 2] * 0.114
+
+
+# ------------------------------------------------------------------------------------------------
+# the loader
+
+
+class DaliLoader:
+    """Iterable of DESIGN §2.4 batches from a DALI pipeline; the drop-in for the torch path's
+    :class:`~loctex.data.loader.NarrativeLoader` (``steps_per_epoch``, ``dataset``, ``sampler``,
+    ``len()``), plus ``skipped`` (bad images replaced so far) and ``close()``.
+
+    ``device_id=None`` runs the CPU-only pipeline; images then come back as CPU tensors, otherwise
+    as CUDA tensors on ``device_id`` (the other keys are CPU tensors, as on the torch path).
+    """
+
+    backend = "dali"
+
+    def __init__(self, dataset, sampler, image_size: int, num_workers: int = 2,
+                 device_id: int | None = None, num_threads: int | None = None,
+                 prefetch: int = 2):
+        self.dataset, self.sampler = dataset, sampler
+        self.steps_per_epoch = sampler.steps_per_epoch
+        self.image_size = int(image_size)
+        self.device_id = device_id
+        self.py_workers = max(1, int(num_workers))
+        self.num_threads = max(1, int(num_threads or num_workers or 1))
+        self.prefetch = prefetch
+        self.skipped = 0
+        self.bad_images: Counter = Counter()  # narrative index -> times its image was skipped
+        self._skip: set[int] = set()
+        self._pipe = None
+        try:
+            self.total_steps = len(sampler)
+        except TypeError:
+            self.total_steps = None
+
+    def __len__(self) -> int:
+        if self.total_steps is None:
+            raise TypeError("an infinite loader has no length; see steps_per_epoch")
+        return self.total_steps
+
+    def _start(self, offset: int):
+        self.close()
+        source = DaliSampleSource(self.dataset, self.sampler, self.total_steps, frozenset(self._skip))
+        source.offset = offset
+        pipe = build_pipeline(source, self.sampler.batch_size, self.image_size, self.device_id,
+                              self.num_threads, self.py_workers, self.prefetch,
+                              seed=self.sampler.seed)
+        pipe.build()
+        self._pipe = pipe
+        return pipe
+
+    def _to_torch_images(self, tl) -> torch.Tensor:
+        if self.device_id is None:
+            return torch.from_numpy(np.array(tl.as_array(), copy=True))
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        t = tl.as_tensor()
+        out = torch.empty(t.shape(), dtype=torch.float32, device=torch.device("cuda", self.device_id))
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device_id))
+        return out
+
+    def _batch(self, outs) -> dict:
+        from loctex.data.collate import collate_batch
+        images, tokens, points, weights, ranges, loc, index, skipped = outs
+        images = self._to_torch_images(images)
+        samples = []
+        for j in range(len(tokens)):
+            i = int(np.asarray(index.at(j)))
+            if i < 0:
+                raise RuntimeError(f"{_MAX_TRIES} consecutive unreadable images; see "
+                                   f"{self.dataset.packed.image_root if hasattr(self.dataset.packed, 'image_root') else self.dataset.packed.dir}")
+            n_skip = int(np.asarray(skipped.at(j)))
+            if n_skip:
+                self.skipped += n_skip
+                self.bad_images[i] += n_skip
+                log.warning("skipped %d unreadable image(s) before narrative %d", n_skip, i)
+            samples.append({"image": images[j], "tokens": np.array(tokens.at(j)),
+                            "points_xy": np.array(points.at(j)),
+                            "point_weights": np.array(weights.at(j)),
+                            "token_ranges": np.array(ranges.at(j)),
+                            "loc_mask": np.array(loc.at(j))})
+        return collate_batch(samples)
+
+    def _find_culprits(self, produced: int) -> set[int]:
+        """Narratives of batch ``produced`` (and the next prefetched ones) whose images fail a
+        strict trial decode."""
+        source = DaliSampleSource(self.dataset, self.sampler, self.total_steps)
+        bad = set()
+        for it in range(produced, produced + self.prefetch + 1):
+            for j in range(self.sampler.batch_size):
+                pos = source.position(it, j)
+                if pos is None:
+                    break
+                for attempt in range(_MAX_TRIES):
+                    i = (pos[0] + attempt) % len(self.dataset)
+                    try:
+                        data = source._image_bytes(i)
+                    except OSError:
+                        continue
+                    if check_jpeg(data) is None:
+                        break
+                    bad.add(i)
+        return bad - self._skip
+
+    def __iter__(self):
+        produced = 0
+        pipe = self._start(0)
+        try:
+            while self.total_steps is None or produced < self.total_steps:
+                try:
+                    outs = pipe.run()
+                except StopIteration:
+                    break
+                except Exception as exc:  # noqa: BLE001 - a decoder error must not end the run
+                    culprits = self._find_culprits(produced)
+                    if not culprits:
+                        raise
+                    log.warning("DALI failed on batch %d (%s); skipping narratives %s and "
+                                "restarting the pipeline there", produced, str(exc)[:200],
+                                sorted(culprits))
+                    self._skip |= culprits
+                    pipe = self._start(produced)
+                    continue
+                batch = self._batch(outs)
+                produced += 1
+                yield batch
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the pipeline and its Python workers (idempotent)."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is None:
+            return
+        pool = getattr(pipe, "_py_pool", None)
+        shutdown = getattr(pipe, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        if pool is not None:
+            pool.close()
+        del pipe
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass

@@ -50,20 +50,43 @@ def point_weights(point_dt: np.ndarray, cap_s: float) -> np.ndarray:
     return np.where(np.isfinite(dt), np.minimum(dt, cap_s), cap_s).astype(np.float32)
 
 
-def load_image(path, d: G.Decision, size: int, reduced_decode: bool = True):
-    """Open, decode (a reduced-size JPEG decode when the crop allows), crop/resize/flip: PIL RGB."""
+def _read_bytes(src) -> bytes:
+    if hasattr(src, "read"):
+        return src.read()
+    with open(src, "rb") as f:
+        return f.read()
+
+
+def load_image(src, d: G.Decision, size: int, reduced_decode: bool = True):
+    """Read ``src`` (a path or a file object), decode, crop/resize/flip: a PIL RGB image.
+
+    JPEGs decode through libjpeg-turbo (simplejpeg) at the smallest DCT scale N/8 whose crop still
+    has >= ``size`` pixels each way (``reduced_decode``; issue 6), placing the crop box by that
+    exact scale; other formats, or JPEGs simplejpeg cannot take (CMYK, ...), go through PIL (with
+    ``draft``). Raises on an unreadable image."""
+    import io
+
     from PIL import Image
 
-    with Image.open(path) as im:
-        if reduced_decode and im.format == "JPEG":
-            W, H = im.size
-            # the smallest decode whose crop still has >= size pixels each way (libjpeg scales
-            # by 1/2, 1/4, 1/8 and picks the largest reduction that stays above the request)
-            need = (max(1, math.ceil(size / max(d.w, 1e-6))), max(1, math.ceil(size / max(d.h, 1e-6))))
-            if need[0] < W and need[1] < H:
-                im.draft("RGB", need)
+    data = _read_bytes(src)
+    need = (max(1, math.ceil(size / max(d.w, 1e-6))), max(1, math.ceil(size / max(d.h, 1e-6))))
+    if data[:2] == b"\xff\xd8":
+        try:
+            import simplejpeg
+            H, W, _, _ = simplejpeg.decode_jpeg_header(data)
+            kw = {"min_width": min(need[0], W), "min_height": min(need[1], H)} \
+                if reduced_decode else {}
+            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", **kw)
+        except (ImportError, ValueError, RuntimeError):
+            arr = None  # PIL below decides (and raises for a truly bad file)
+        if arr is not None:
+            return G.apply_to_image(Image.fromarray(arr), d, size, source_size=(W, H))
+    with Image.open(io.BytesIO(data)) as im:
+        W, H = im.size
+        if reduced_decode and im.format == "JPEG" and need[0] < W and need[1] < H:
+            im.draft("RGB", need)  # PIL picks the largest 1/2^k reduction above the request
         im.load()
-        return G.apply_to_image(im, d, size)
+        return G.apply_to_image(im, d, size, source_size=(W, H))
 
 
 class NarrativeDataset(torch.utils.data.Dataset):
@@ -73,7 +96,7 @@ class NarrativeDataset(torch.utils.data.Dataset):
     def __init__(self, prepared, cfg: DataConfig | None = None, *, train: bool = True,
                  seed: int = 0, image_root: str | None = None):
         self.cfg = cfg or DataConfig()
-        self.packed = PackedNarratives(prepared, image_root)
+        self.packed = self.open_narratives(prepared, image_root)
         self.train = train
         self.seed = int(seed)
         self.epoch = 0
@@ -84,6 +107,15 @@ class NarrativeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.packed)
 
+    # hooks for other storage (loctex.data.shards.ShardNarrativeDataset reads tar shards)
+    @staticmethod
+    def open_narratives(prepared, image_root=None):
+        return PackedNarratives(prepared, image_root)
+
+    def image_file(self, index: int):
+        """What ``load_image`` opens for narrative ``index``: a path (or a file object)."""
+        return self.packed.image_path(self.packed.image_index(index))
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -93,6 +125,10 @@ class NarrativeDataset(torch.utils.data.Dataset):
             from loctex.data.tokenizer import load_tokenizer
             self._tokenizer = load_tokenizer(self.packed.tokenizer_path)
         return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
 
     def decision(self, index: int, epoch: int | None = None) -> G.Decision:
         img = self.packed.image_index(index)
@@ -126,7 +162,7 @@ class NarrativeDataset(torch.utils.data.Dataset):
 
     def image(self, index: int, d: G.Decision) -> torch.Tensor:
         """The augmented, normalized image tensor float32 [3,S,S]; raises on a bad image."""
-        img = load_image(self.packed.image_path(self.packed.image_index(index)), d,
+        img = load_image(self.image_file(index), d,
                          self.cfg.image_size)
         x = torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1).float().div_(255)
         G.color_jitter_(x, d)

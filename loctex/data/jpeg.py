@@ -12,10 +12,14 @@ Both return ``None`` for a good file and a short reason string otherwise; neithe
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 # Markers that carry no length field: TEM, RST0-7, SOI, EOI.
 _STANDALONE = {0x01, *range(0xD0, 0xD8), 0xD8, 0xD9}
+_ILLEGAL_IN_SCAN = re.compile(
+    rb"\xff[^\x00\xd0-\xd7\xff\xc4\xdb\xda\xdd\xdc\xfe\xe0-\xef\xcc\xd9]")
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -82,25 +86,30 @@ def check_structure(data) -> str | None:
     if isinstance(info, str):
         return info
     scan_start = info[2]
-    arr = np.frombuffer(buf, dtype=np.uint8)
-    # A complete file ends with EOI (a few trailing pad bytes are tolerated).
-    tail = arr[max(scan_start, len(arr) - 64):]
-    eoi = np.flatnonzero((tail[:-1] == 0xFF) & (tail[1:] == 0xD9))
-    if eoi.size == 0:
-        return "truncated (no EOI marker)"
-    end = max(scan_start, len(arr) - 64) + int(eoi[-1])
-    # Inside entropy-coded data 0xFF is followed only by a stuffed 0x00, RSTn, fill 0xFF, or the
-    # markers that separate progressive scans (DHT, DQT, SOS, DRI, APPn, COM, EOI).
-    scan = arr[scan_start:end]
-    ff = np.flatnonzero(scan[:-1] == 0xFF)
-    if ff.size:
+    # Inside entropy-coded data 0xFF is followed only by a stuffed 0x00, RSTn or fill 0xFF, or by
+    # the markers that separate progressive scans (DHT, DQT, SOS, DRI, DNL, APPn, COM); the first
+    # EOI ends the image (bytes after it are ignored, as decoders do). No EOI: truncated.
+    raw = buf if isinstance(buf, (bytes, bytearray)) else bytes(buf)
+    if len(raw) - scan_start < 8192:  # small files: C-level find + one regex pass are cheapest
+        eoi = raw.find(b"\xff\xd9", scan_start)
+        if eoi < 0:
+            return "truncated (no EOI marker)"
+        m = _ILLEGAL_IN_SCAN.search(raw, scan_start, eoi + 1)
+        bad = None if m is None else m.start()
+    else:  # large files: vectorized over the 0xFF bytes
+        scan = np.frombuffer(raw, np.uint8, offset=scan_start)
+        ff = np.flatnonzero(scan[:-1] == 0xFF)
         nxt = scan[ff + 1]
-        legal = ((nxt == 0x00) | ((nxt >= 0xD0) & (nxt <= 0xD7)) | (nxt == 0xFF) | (nxt == 0xC4)
-                 | (nxt == 0xDB) | (nxt == 0xDA) | (nxt == 0xDD) | (nxt == 0xD9) | (nxt == 0xFE)
-                 | ((nxt >= 0xE0) & (nxt <= 0xEF)) | (nxt == 0xCC))
-        if not legal.all():
-            bad = int(ff[np.argmin(legal)]) + scan_start
-            return f"corrupt scan data (marker 0xFF{arr[bad + 1]:02X} at byte {bad})"
+        eoi = np.flatnonzero(nxt == 0xD9)
+        if eoi.size == 0:
+            return "truncated (no EOI marker)"
+        ff, nxt = ff[:eoi[0]], nxt[:eoi[0]]
+        legal = ((nxt == 0x00) | ((nxt >= 0xD0) & (nxt <= 0xD7)) | (nxt == 0xFF)
+                 | (nxt == 0xC4) | (nxt == 0xDB) | (nxt == 0xDA) | (nxt == 0xDD) | (nxt == 0xDC)
+                 | (nxt == 0xFE) | ((nxt >= 0xE0) & (nxt <= 0xEF)) | (nxt == 0xCC))
+        bad = None if legal.all() else int(ff[np.argmin(legal)]) + scan_start
+    if bad is not None:
+        return f"corrupt scan data (marker 0xFF{raw[bad + 1]:02X} at byte {bad})"
     return None
 
 
@@ -136,3 +145,16 @@ def _trial_decode_pil(data) -> str | None:
     except Exception as exc:  # noqa: BLE001
         return f"decode failed ({exc})"
     return None
+
+
+def check_image_file(path, level: str = "structure") -> str | None:
+    """What ``loctex prepare --check-images`` runs per image: ``header`` (nothing beyond the size
+    read), ``structure`` (:func:`check_structure` on the whole file) or ``decode`` (plus the trial
+    decode). Non-JPEG files pass unless ``decode`` (then PIL must load them). ``None`` when good."""
+    if level == "header":
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\xff\xd8":
+        return _trial_decode_pil(data) if level == "decode" else None
+    return check_jpeg(data, trial_decode=(level == "decode"))

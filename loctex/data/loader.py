@@ -109,12 +109,11 @@ def build_loader(cfg, prepared: str | None = None, *, rank: int = 0, world_size:
     seed = cfg.seed if seed is None else seed
     batch_size = batch_size or cfg.train.micro_batch_size
     num_workers = data.num_workers if num_workers is None else num_workers
-    dataset = NarrativeDataset(prepared, data, train=train, seed=seed)
+    from loctex.data import backends  # issue 6: shard directories, data.backend dispatch
+    dataset = backends.open_dataset(prepared, data, train=train, seed=seed)
     if not train and epochs is None:
         epochs = 1
     sampler = ShardedBatchSampler(len(dataset), batch_size, rank, world_size, seed=seed,
                                   shuffle=train, drop_last=train, start_step=start_step,
                                   epochs=epochs)
-    if data.backend == "dali":
-        log.warning("data.backend=dali is not available yet; using the torch backend")
-    return NarrativeLoader(dataset, sampler, num_workers)
+    return backends.make_loader(cfg, dataset, sampler, num_workers, train=train)

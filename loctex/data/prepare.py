@@ -31,9 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from loctex.data import align as A
+from loctex.data.jpeg import check_image_file
 from loctex.data.packed import PackedWriter, compute_point_dt
 from loctex.data.records import Narrative, RecordError, iter_lines, parse_lines
-from loctex.data.tokenizer import iter_captions, load_tokenizer, train_tokenizer
+from loctex.data.tokenizer import (CaptionEncoder, iter_captions, load_tokenizer,
+                                   train_tokenizer)
 
 
 class PrepareError(RuntimeError):
@@ -100,6 +102,7 @@ class ImageTable:
         self.index: dict = {}
         self.pending: tuple[list, list, list] = ([], [], [])
         self.missing_files: dict = {}  # first few missing paths, for the report
+        self.check = "structure"       # --check-images (issue 6): header | structure | decode
 
     def lookup(self, dataset_id: str, image_id: str) -> int:
         key = (dataset_id, image_id)
@@ -112,6 +115,9 @@ class ImageTable:
             path = self.root / rel
             try:
                 size = read_image_size(path)
+                bad = check_image_file(path, self.check)
+                if bad is not None:
+                    raise ValueError(bad)
             except FileNotFoundError:
                 continue
             except (OSError, ValueError) as exc:
@@ -166,14 +172,13 @@ def _pack_chunk(good: list, rows: list, src: int, tok, writer: PackedWriter,
     """Tokenize, align and append a chunk of kept narratives (vectorized over the chunk)."""
     n = len(good)
     caps = [r.caption for r, _ in good]
-    encs = tok.encode_batch(caps, add_special_tokens=False)
+    encs = tok.encode_batch(caps)  # a CaptionEncoder: [(ids, offsets)]
     ids_flat: list = []
     chars_flat: list = []
     ntok = np.empty(n, np.int64)
-    for k, e in enumerate(encs):
-        ids = e.ids
+    for k, (ids, offsets) in enumerate(encs):
         ids_flat.extend(ids)
-        chars_flat.extend(e.offsets)
+        chars_flat.extend(offsets)
         ntok[k] = len(ids)
     # All captions of the chunk on one character axis (one gap between captions), so that one
     # searchsorted assigns every token of the chunk to its utterance.
@@ -223,7 +228,7 @@ def _pack_chunk(good: list, rows: list, src: int, tok, writer: PackedWriter,
 
 def prepare(narratives, images, out, tokenizer=None, image_template: str | None = None,
             max_reject_fraction: float = 0.01, vocab_size: int = 8000, chunk_lines: int = 256,
-            log=print) -> dict:
+            log=print, check_images: str = "structure") -> dict:
     """Run ``loctex prepare``; returns the report dict. Raises :class:`PrepareError` (after writing
     ``report.json`` and ``rejects.jsonl``) when a file's reject fraction is over the threshold, and
     FileNotFoundError for a missing input file."""
@@ -243,8 +248,10 @@ def prepare(narratives, images, out, tokenizer=None, image_template: str | None 
         log(f"prepare: training a tokenizer (vocab {vocab_size}) on the captions")
         tok = train_tokenizer(iter_captions(narratives), vocab_size)
         tok.save(str(out / "tokenizer.json"))
+    encoder = CaptionEncoder(tok)
     writer = PackedWriter(out)
     table = ImageTable(images, image_template, writer)
+    table.check = check_images
     datasets: dict = {}
     total = _Counts()
     per_file: dict = {}
@@ -260,8 +267,9 @@ def prepare(narratives, images, out, tokenizer=None, image_template: str | None 
                     if isinstance(r, RecordError):
                         counts.rejected += 1
                         counts.reject_reasons[r.code] += 1
-                        rej.write(json.dumps({"file": str(path), "line": lineno, "reason": r.reason,
-                                              "raw": raw.decode("utf-8", "replace")}) + "\n")
+                        text = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+                        rej.write(json.dumps({"file": str(path), "line": lineno,
+                                              "reason": r.reason, "raw": text}) + "\n")
                         continue
                     row = table.lookup(r.dataset_id, r.image_id)
                     if row < 0:
@@ -271,7 +279,7 @@ def prepare(narratives, images, out, tokenizer=None, image_template: str | None 
                     rows.append(row)
                 table.flush()
                 if good:
-                    _pack_chunk(good, rows, src, tok, writer, datasets, counts)
+                    _pack_chunk(good, rows, src, encoder, writer, datasets, counts)
             frac = counts.rejected / max(counts.read, 1)
             per_file[str(path)] = {**counts.as_dict(), "reject_fraction": round(frac, 6)}
             if frac > max_reject_fraction:
@@ -311,13 +319,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-reject-fraction", type=float, default=0.01)
     parser.add_argument("--vocab-size", type=int, default=8000,
                         help="vocabulary size when training the tokenizer")
+    parser.add_argument("--check-images", choices=["header", "structure", "decode"],
+                        default="structure",
+                        help="per image: read the size only / also check the JPEG byte structure "
+                             "(truncation, corrupt scan data; default) / also trial-decode it. "
+                             "Bad images count as missing_images")
+    parser.add_argument("--format", choices=["packed", "shards"], default="packed",
+                        help="shards: also write tar shards (WebDataset layout) to OUT/shards")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
 
 
 def main(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
         report = prepare(args.narratives, args.images, args.out, args.tokenizer,
-                         args.image_template, args.max_reject_fraction, args.vocab_size)
+                         args.image_template, args.max_reject_fraction, args.vocab_size,
+                         check_images=args.check_images)
+        if args.format == "shards":
+            from loctex.data.shards import write_shards_from_prepared
+            write_shards_from_prepared(args.out, Path(args.out) / "shards", args.samples_per_shard,
+                                       check_images=args.check_images != "header")
     except (PrepareError, FileNotFoundError) as exc:
         print(f"loctex prepare: error: {exc}", file=sys.stderr)
         return 1

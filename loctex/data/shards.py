@@ -1,14 +1,27 @@
 """Tar shards for data sets that live on object storage (``loctex prepare --format shards``).
 
-Layout (WebDataset): ``shard-000000.tar`` ... each holding, per sample, ``KEY.jpg`` (the original
-JPEG bytes) followed by ``KEY.json`` (the packed annotations of that sample: see
-:func:`sample_to_json`), so webdataset / DALI's ``readers.webdataset`` can read them as they are.
-Beside the tars, ``shards.json`` (format name, version, per-shard sample counts, the arrays' names)
-and ``members.npy`` (per sample: shard, byte offset and size of its .jpg and of its .json) let a
-reader seek straight to any sample of a local (or mounted) shard instead of streaming the tar.
+Layout (WebDataset): ``shard-000000.tar`` ... each holding, per narrative, ``KEY.jpg`` (the original
+JPEG bytes) followed by ``KEY.json`` (its packed annotations: caption, ids, image size, and the
+token / trace arrays of the prepared directory as exact little-endian bytes, see
+:func:`sample_to_json`), so generic tar / webdataset tools read them as they are. Beside the tars,
+``shards.json`` (format, version, per-shard sample counts, bad images left out) and ``members.npy``
+(per sample: shard, byte offset and size of its .jpg and .json) let a reader seek straight to a
+sample of a local or mounted shard; :func:`iter_tar` streams a tar without them.
 
-:class:`ShardStore` is that random-access view; :class:`ShardStream` is the iterable dataset that
-streams this rank's shards in a seeded order with a resumable position (see its doc).
+Reading, on both backends:
+
+* :class:`ShardNarratives` - the read API of the prepared directory
+  (:class:`~loctex.data.packed.PackedNarratives`) over the shards, so
+  :class:`ShardNarrativeDataset` is the torch data set with images from the tars: same decisions,
+  same annotations, same samples.
+* :class:`ShardBatchSampler` / :func:`rank_order` - per-rank shard assignment: shards are dealt to
+  ranks per epoch (seeded) and read one after the other; the position is a step count
+  (``start_step``), as for the prepared directory.
+* :class:`ShardStream` (an ``IterableDataset``) + :class:`ShardLoader` - the torch backend's
+  streaming loader with ``state_dict()``; the DALI backend feeds the same sampler's order through
+  its sample source (:mod:`loctex.data.dali`). DALI's own ``readers.webdataset`` is not used: it
+  shuffles and shards internally, while the per-sample decisions (crop, flip, jitter) and the
+  annotations must come from the one seeded sample source, before decoding.
 """
 from __future__ import annotations
 
@@ -20,6 +33,10 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from loctex.data.dataset import NarrativeDataset
+from loctex.data.loader import ShardedBatchSampler
 
 FORMAT = "loctex-shards"
 VERSION = 1
@@ -203,35 +220,36 @@ def rank_order(shard_counts, seed: int, epoch: int, rank: int, world_size: int,
                shuffle: bool = True) -> np.ndarray:
     """Global sample indices that ``rank`` visits in ``epoch``, in order.
 
-    Shards are permuted per epoch (seeded), dealt round-robin to ranks (``perm[rank::world]``), and
-    each shard's samples are permuted (seeded by epoch and shard) - a rank reads its own shards only
-    and whole shards one after the other, which is what streaming from object storage needs. Every
-    rank gets the same number of samples (the longest lists are cut to the shortest) so that
-    distributed steps stay in lockstep. Position ``p`` of this order is what a resumed run restarts
-    from.
+    Shards are permuted per epoch (seeded) and dealt round-robin to ranks (``perm[rank::world]``);
+    each shard's samples are permuted (seeded by epoch and shard). A rank reads its own shards one
+    after the other - what streaming from object storage needs. Every rank gets exactly
+    ``N // world_size`` samples, so distributed steps stay in lockstep and the number of steps per
+    epoch is a constant: ranks whose shards hold more pass their tail samples, in order, to the ranks
+    whose shards hold fewer. Position ``p`` of this order is what a resumed run restarts from.
     """
     counts = np.asarray(shard_counts, np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
     n_shards = len(counts)
-    if n_shards < world_size:
-        # Too few shards to deal whole shards: fall back to dealing samples.
-        order = np.arange(int(counts.sum()))
-        if shuffle:
-            order = np.random.default_rng([seed, epoch, 7]).permutation(order)
-        per = len(order) // world_size
-        return order[rank::world_size][:per]
     perm = (np.random.default_rng([seed, epoch, 1]).permutation(n_shards) if shuffle
             else np.arange(n_shards))
-    per_rank = [perm[r::world_size] for r in range(world_size)]
-    length = min(int(counts[p].sum()) for p in per_rank)
-    parts = []
-    for s in per_rank[rank]:
-        idx = np.arange(starts[s], starts[s + 1])
-        if shuffle:
-            idx = np.random.default_rng([seed, epoch, 2, int(s)]).permutation(idx)
-        parts.append(idx)
-    order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    return order[:length]
+    lists = []
+    for r in range(world_size):
+        parts = [np.zeros(0, np.int64)]
+        for s in perm[r::world_size]:
+            idx = np.arange(starts[s], starts[s + 1], dtype=np.int64)
+            if shuffle:
+                idx = np.random.default_rng([seed, epoch, 2, int(s)]).permutation(idx)
+            parts.append(idx)
+        lists.append(np.concatenate(parts))
+    length = int(counts.sum()) // world_size
+    surplus = np.concatenate([np.zeros(0, np.int64)] + [l[length:] for l in lists])
+    taken = 0
+    for r in range(world_size):
+        deficit = length - min(length, len(lists[r]))
+        if r == rank:
+            return np.concatenate([lists[r][:length], surplus[taken:taken + deficit]])
+        taken += deficit
+    raise ValueError(f"rank {rank} outside world size {world_size}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,3 +384,129 @@ class ShardNarratives:
     def points(self, i: int):
         a = self._meta(i)["arrays"]
         return a["points_xy"], a["points_t"], a["point_segment"], a["point_dt"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the data set, sampler and stream over shards (the torch path; the DALI source uses the first two)
+
+
+class ShardNarrativeDataset(NarrativeDataset):
+    """:class:`~loctex.data.dataset.NarrativeDataset` over a shard directory: the same samples,
+    decisions and annotations; images come out of the tars instead of files."""
+
+    def __init__(self, path, cfg=None, *, train: bool = True, seed: int = 0):
+        super().__init__(path, cfg, train=train, seed=seed)
+
+    @staticmethod
+    def open_narratives(prepared, image_root=None):
+        return ShardNarratives(prepared)
+
+    def image_file(self, index: int):
+        return io.BytesIO(self.packed.image_bytes(self.packed.image_index(index)))
+
+
+class ShardBatchSampler(ShardedBatchSampler):
+    """:class:`~loctex.data.loader.ShardedBatchSampler` semantics (epochs, ``start_step`` in global
+    steps, ``drop_last``, batches of ``(index, epoch)``) over :func:`rank_order`: each rank reads
+    its own shards. ``steps_per_epoch = (N // world) // batch``, the same on every rank."""
+
+    def __init__(self, shard_counts, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = True, start_step: int = 0,
+                 epochs: int | None = None):
+        self.shard_counts = np.asarray(shard_counts, np.int64)
+        n = int(self.shard_counts.sum())
+        super().__init__(n, batch_size, rank, world_size, seed=seed, shuffle=shuffle,
+                         drop_last=drop_last, start_step=start_step, epochs=epochs)
+        per_rank = n // self.world_size
+        self.steps_per_epoch = (per_rank // self.batch_size if drop_last
+                                else -(-per_rank // self.batch_size))
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n} samples cannot give every one of {self.world_size} ranks a "
+                             f"batch of {self.batch_size}")
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def rank_order(self, epoch: int) -> np.ndarray:
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, rank_order(self.shard_counts, self.seed, epoch, self.rank,
+                                             self.world_size, self.shuffle))
+        return self._cache[1]
+
+    def batch(self, epoch: int, k: int) -> np.ndarray:
+        """Narrative indices of this rank's batch ``k`` of ``epoch``."""
+        return self.rank_order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def __iter__(self):
+        epoch, step = divmod(self.start_step, self.steps_per_epoch)
+        while self.epochs is None or epoch < self.epochs:
+            for k in range(step, self.steps_per_epoch):
+                yield [(int(i), epoch) for i in self.batch(epoch, k)]
+            epoch, step = epoch + 1, 0
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Streams this rank's collated batches from shards: the iterable-dataset form of the torch path.
+
+    Use with ``DataLoader(stream, batch_size=None, num_workers=W)``: worker ``w`` builds global
+    batches ``k`` with ``k % W == w`` and the DataLoader's round-robin over workers gives them back
+    in order, so the stream is the :class:`ShardBatchSampler` order whatever ``W`` is. The position
+    is a step count: ``ShardStream(..., start_step=s)`` continues exactly where a run that consumed
+    ``s`` batches was (``state_dict()`` / ``load_state_dict()`` for a running stream; the loader
+    counts what it handed out).
+    """
+
+    def __init__(self, dataset: ShardNarrativeDataset, sampler: ShardBatchSampler):
+        super().__init__()
+        self.dataset, self.sampler = dataset, sampler
+
+    def __iter__(self):
+        from loctex.data.collate import collate_batch
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for k, batch in enumerate(self.sampler):
+            if k % nw == wid:
+                yield collate_batch([self.dataset[key] for key in batch])
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class ShardLoader:
+    """DataLoader over a :class:`ShardStream` with a resumable position (``position`` = batches
+    handed out, counted from step 0 of epoch 0)."""
+
+    backend = "torch"
+
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool | None = None,
+                 prefetch_factor: int = 4):
+        self.stream, self.dataset, self.sampler = stream, stream.dataset, stream.sampler
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.position = self.sampler.start_step
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+    def __iter__(self):
+        from loctex.data.loader import _worker_init
+        self.sampler.start_step = self.position
+        kw = ({"prefetch_factor": self.prefetch_factor, "worker_init_fn": _worker_init}
+              if self.num_workers > 0 else {})
+        loader = torch.utils.data.DataLoader(self.stream, batch_size=None,
+                                             num_workers=self.num_workers,
+                                             pin_memory=self.pin_memory, **kw)
+        for batch in loader:
+            self.position += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.sampler)

@@ -9,11 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from loctex.data.augment import normalize_
 from loctex.models.resnet import ResNet
-
-# ImageNet statistics, as in pre-training (loctex.data) and torchvision's model zoo
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 def load_image(path: str, size: int, center_crop: bool) -> torch.Tensor:
@@ -32,7 +29,7 @@ def load_image(path: str, size: int, center_crop: bool) -> torch.Tensor:
         else:
             im = im.resize((size, size), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    return normalize_(x)  # ImageNet statistics, as in pre-training
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -54,17 +54,20 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 def build_maskrcnn(backbone, num_classes: int = 91):
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
 
-    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
-                                  trainable_backbone_layers=5)
-    # model.backbone.body is the ResNet-50 with torchvision's keys (fc dropped)
+    fpn = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                              norm_layer=FrozenBatchNorm2d, trainable_layers=5)
+    # fpn.body is the ResNet-50 with torchvision's keys (fc dropped); FrozenBatchNorm2d takes the
+    # loaded statistics and drops num_batches_tracked
     state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
-    missing, unexpected = model.backbone.body.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if "num_batches_tracked" not in k]:
+    missing, unexpected = fpn.body.load_state_dict(state, strict=False)
+    if missing or [k for k in unexpected if "num_batches_tracked" not in k]:
         raise ValueError(f"backbone does not fit Mask R-CNN R50-FPN: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]} (it needs a resnet50)")
-    return model
+    return MaskRCNN(fpn, num_classes=num_classes)
 
 
 @torch.no_grad()

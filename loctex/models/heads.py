@@ -19,7 +19,13 @@ class ContrastiveHead(nn.Module):
         super().__init__()
         self.image_proj = nn.Linear(visual_dim, embed_dim)
         self.text_proj = nn.Linear(text_dim, embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        # shape [1], not []: DeepSpeed broadcasts and partitions parameters through byte views
+        # (``p.data.view(torch.uint8)``), which a 0-dim tensor cannot take
+        self.logit_scale = nn.Parameter(torch.full((1,), float(logit_scale_init)))
+
+    def log_scale(self) -> torch.Tensor:
+        """The learned log temperature as a 0-dim tensor (what the losses take)."""
+        return self.logit_scale[0]
 
     def embed_image(self, pooled: torch.Tensor) -> torch.Tensor:
         """[B, C] -> L2-normalized float32 [B, embed_dim]."""

@@ -78,8 +78,8 @@ class LocTexModel(nn.Module):
     # ---- losses -----------------------------------------------------------------------------
     def contrastive_loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         if _distributed_world() > 1:
-            return K.distributed_contrastive_loss(image_emb, text_emb, self.contrastive.logit_scale)
-        return K.contrastive_loss(image_emb, text_emb, self.contrastive.logit_scale)
+            return K.distributed_contrastive_loss(image_emb, text_emb, self.contrastive.log_scale())
+        return K.contrastive_loss(image_emb, text_emb, self.contrastive.log_scale())
 
     def localization_loss(self, batch: dict, token_feats: torch.Tensor, fmap: torch.Tensor):
         loss = self.cfg.loss
@@ -108,7 +108,7 @@ class LocTexModel(nn.Module):
             "loss": loss,
             "loss_contrastive": loss_contrastive,
             "loss_localization": loss_localization,
-            "logit_scale": self.contrastive.logit_scale.detach().float().exp()
+            "logit_scale": self.contrastive.log_scale().detach().float().exp()
                                .clamp(max=K.reference.MAX_LOGIT_SCALE),
             "image_emb": image_emb.detach(),
             "text_emb": text_emb.detach(),
@@ -129,7 +129,8 @@ class LocTexModel(nn.Module):
     @torch.no_grad()
     def attention_maps(self, batch: dict) -> torch.Tensor:
         """Cross-modal attention ``softmax_{h,w}(scale · q·k)`` of every token: float32 [B, L, H, W]
-        on the stride-32 grid (rows of padding tokens are computed too; mask with attention_mask)."""
+        on the stride-32 grid (rows of padding tokens are computed too; mask with attention_mask).
+        Call ``model.eval()`` first: in train mode BatchNorm would update its running statistics."""
         fmap, _ = self.visual_features(batch["images"])
         token_feats, _ = self.text(batch["tokens"], batch["attention_mask"])
         return self._attention(token_feats, fmap)

@@ -56,6 +56,7 @@ class TextEncoder(nn.Module):
 
 
 def masked_mean(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``feats`` [B, L, W] over the positions where ``mask`` [B, L] is True (0 if none)."""
-    m = mask.to(feats.dtype).unsqueeze(-1)
-    return (feats * m).sum(1) / m.sum(1).clamp_min(1.0)
+    """Mean of ``feats`` [B, L, W] over the positions where ``mask`` [B, L] is True (0 if none).
+    Summed in float32 (bf16 sums over ~100 tokens lose digits), returned in ``feats``' dtype."""
+    m = mask.float().unsqueeze(-1)
+    return ((feats.float() * m).sum(1) / m.sum(1).clamp_min(1.0)).to(feats.dtype)

@@ -26,6 +26,7 @@ class Word:
 
 @dataclass
 class Caption:
+    """Words being composed, sentence by sentence (capitalized and punctuated as they end)."""
     words: list = field(default_factory=list)
     _sentence_start: int = 0
 
@@ -47,10 +48,6 @@ class Caption:
         self.words[-1].text = self.words[-1].text.rstrip(".")
         while self._sentence_start > 0 and not self.words[self._sentence_start - 1].text.endswith("."):
             self._sentence_start -= 1
-
-    @property
-    def text(self) -> str:
-        return " ".join(w.text for w in self.words)
 
 
 def _pick(rng, options):
@@ -100,12 +97,12 @@ def _relation(rng, obj, prev, prev_noun: str):
     return _pick(rng, RELATIONS[rel])
 
 
-def _noun_phrase(rng, cap: Caption, k: int, obj, article: bool = True) -> str:
+def _noun_phrase(rng, cap: Caption, k: int, obj) -> str:
+    """'a [size] color noun'; the words after the article are object k's phrase, the last its noun."""
     size = _pick(rng, SIZES[obj.size][2]) if rng.random() < 0.7 else ""
     noun = _pick(rng, SHAPES[obj.shape][3])
     first = size or COLORS[obj.color][0]
-    if article:
-        cap.add("an" if first[0] in "aeiou" else "a", k)
+    cap.add("an" if first[0] in "aeiou" else "a", k)
     if size:
         cap.add(size, k, phrase=k)
     cap.add(COLORS[obj.color][0], k, phrase=k)
@@ -116,7 +113,7 @@ def _noun_phrase(rng, cap: Caption, k: int, obj, article: bool = True) -> str:
 def compose(rng, scene, order_left_to_right: float = 0.5) -> list:
     """Words of one narrative for ``scene``, each tagged with what it describes."""
     objs = scene.objects
-    order = list(rng.permutation(len(objs)))
+    order = [int(k) for k in rng.permutation(len(objs))]
     if rng.random() < order_left_to_right:
         order.sort(key=lambda k: objs[k].center[0])
     cap, nouns, prev = Caption(), {}, None
@@ -171,17 +168,21 @@ def compose(rng, scene, order_left_to_right: float = 0.5) -> list:
 
 
 def _background_sentence(rng, cap: Caption, scene):
+    """A sentence about the backdrop and the clutter: the pointer sweeps the image meanwhile."""
     bg = BACKGROUNDS[scene.background][0]
     pattern = _pick(rng, BG_PATTERN[scene.pattern])
     clutter = " and ".join(scene.clutter[:2])
     surface = _pick(rng, ["surface", "texture", "wall", "pattern"])
     form = rng.random()
     if form < 0.35:
-        cap.add(f"in the background {_pick(rng, ['there is', 'we can see'])} a {pattern} {bg} {surface}", "bg")
+        verb = _pick(rng, ["there is", "we can see"])
+        cap.add(f"in the background {verb} a {pattern} {bg} {surface}", "bg")
     elif form < 0.55:
         cap.add(f"the background is {bg} and {pattern}", "bg")
     elif form < 0.8:
-        cap.add(f"{_pick(rng, ['behind them', 'around them', 'in the background'])} there are some {clutter}", "bg")
+        them = "them" if len(scene.objects) > 1 else "it"
+        where = _pick(rng, ["behind " + them, "around " + them, "in the background"])
+        cap.add(f"{where} there are some {clutter}", "bg")
     else:
         cap.add(f"in the background there are some {clutter} on a {bg} {surface}", "bg")
     cap.end()

@@ -6,10 +6,9 @@ other (no occlusion to account for); clutter lies under them.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-
-import warnings
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -31,7 +30,7 @@ class SceneObject:
     center: tuple       # (x, y) of the box center, normalized
 
     @property
-    def box_norm(self):
+    def box_xyxy(self):  # pixels
         return self.bbox[0], self.bbox[1], self.bbox[0] + self.bbox[2], self.bbox[1] + self.bbox[3]
 
 
@@ -93,23 +92,24 @@ def _background(rng, size: int):
     return Image.fromarray(img), bg, pattern
 
 
-@lru_cache(maxsize=1)
-def _noise_bank() -> np.ndarray:
+@lru_cache(maxsize=2)
+def _noise_bank(n: int) -> np.ndarray:
     """Sensor noise at three strengths, drawn once (fixed seed): images take random windows of it."""
-    g = np.random.default_rng(20210823).standard_normal(1 << 18)
+    g = np.random.default_rng(20210823).standard_normal(n)
     return np.stack([np.round(g * s) for s in (2.5, 4.5, 6.5)]).astype(np.int16)
 
 
 def _clutter(rng, draw: ImageDraw.ImageDraw, size: int, bg_rgb) -> list:
+    """Lines, dots, blobs and scribbles that no caption names; returns the kinds drawn."""
     kinds = sorted(set(int(k) for k in rng.integers(len(CLUTTER), size=int(rng.integers(1, 4)))))
     s = size / 128.0
     for _ in range(int(rng.integers(3, 11))):
         kind = kinds[int(rng.integers(len(kinds)))]
         if rng.random() < 0.6:  # muted, near the background
-            rgb = np.clip(np.asarray(bg_rgb) + rng.uniform(-70, 70, 3), 0, 255)
+            rgb = np.asarray(bg_rgb) + rng.uniform(-70, 70, 3)
         else:                   # saturated: clutter that shares the objects' colors
-            rgb = np.clip(np.asarray(COLORS[int(rng.integers(len(COLORS)))][1]) + rng.uniform(-25, 25, 3), 0, 255)
-        fill = tuple(int(c) for c in rgb)
+            rgb = np.asarray(COLORS[int(rng.integers(len(COLORS)))][1]) + rng.uniform(-25, 25, 3)
+        fill = tuple(int(c) for c in np.clip(rgb, 0, 255))
         x, y = rng.uniform(0, size, 2)
         if CLUTTER[kind] == "lines":
             a, n = rng.uniform(0, np.pi), rng.uniform(10, 45) * s
@@ -120,10 +120,10 @@ def _clutter(rng, draw: ImageDraw.ImageDraw, size: int, bg_rgb) -> list:
                 r = rng.uniform(0.8, 2.2) * s
                 cx, cy = x + rng.normal(0, 8 * s), y + rng.normal(0, 8 * s)
                 draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif CLUTTER[kind] == "blobs":
-            k = int(rng.integers(7, 11))
-            a = np.sort(rng.uniform(0, 2 * np.pi, k))
-            r = rng.uniform(2.5, 8) * s * rng.uniform(0.4, 1.0, k)
+        elif CLUTTER[kind] == "blobs":  # smooth amoeba outlines, unlike any category's corners
+            a = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+            p1, p2 = rng.uniform(0, 2 * np.pi, 2)
+            r = rng.uniform(2.5, 7) * s * (1 + 0.3 * np.sin(2 * a + p1) + 0.2 * np.sin(3 * a + p2))
             draw.polygon(list(zip(x + r * np.cos(a), y + r * np.sin(a))), fill=fill)
         else:  # scribbles: a short random walk
             pts = np.cumsum(rng.normal(0, 5 * s, (int(rng.integers(4, 8)), 2)), 0) + (x, y)
@@ -166,8 +166,7 @@ def make_scene(rng: np.random.Generator, size: int) -> Scene:
     xx, yy = _grid(size)
 
     objects, placed = [], []
-    n_objects = 1 + int(np.searchsorted(NUM_OBJECTS_CDF, rng.random() * NUM_OBJECTS_CDF[-1], side="right"))
-    for _ in range(n_objects):
+    for _ in range(1 + int(np.searchsorted(NUM_OBJECTS_CDF, rng.random() * NUM_OBJECTS_CDF[-1], "right"))):
         got = _place(rng, size, placed)
         if got is None:
             continue
@@ -198,7 +197,7 @@ def make_scene(rng: np.random.Generator, size: int) -> Scene:
             region[m & ~inner] = (rgb * 0.55).astype(np.uint8)
         objects.append(SceneObject(shape, color, size_idx, flat, bbox, int(mask_utils.area(rle)),
                                    (cx, cy)))
-    bank = _noise_bank()
+    bank = _noise_bank(max(1 << 18, 2 * img.size))
     off = int(rng.integers(bank.shape[1] - img.size))
     noisy = img.astype(np.int16) + bank[int(rng.integers(3)), off:off + img.size].reshape(img.shape)
     return Scene(np.clip(noisy, 0, 255).astype(np.uint8), objects, bg, pattern, clutter)

@@ -28,12 +28,16 @@ class Style:
 
 
 def annotator_pool(seed: int, n: int = 48) -> list[tuple[int, Style]]:
+    """``n`` annotators (id, style); ids look like LN's: small integers, not contiguous."""
     rng = np.random.default_rng([seed, 0xA77])
     ids = np.sort(rng.choice(np.arange(1, 200), n, replace=False))
-    return [(int(i), Style(rate=rng.uniform(0.85, 1.15), lag=float(np.clip(rng.normal(0.2, 0.25), -0.4, 0.8)),
-                           scribble=rng.uniform(0.12, 0.9), jitter=rng.uniform(0.6, 1.5),
-                           exit_p=rng.uniform(0.05, 0.35), left_to_right=rng.uniform(0.2, 0.8)))
-            for i in ids]
+    pool = []
+    for i in ids:
+        pool.append((int(i), Style(
+            rate=rng.uniform(0.85, 1.15), lag=float(np.clip(rng.normal(0.2, 0.25), -0.4, 0.8)),
+            scribble=rng.uniform(0.12, 0.9), jitter=rng.uniform(0.6, 1.5), exit_p=rng.uniform(0.05, 0.35),
+            left_to_right=rng.uniform(0.2, 0.8))))
+    return pool
 
 
 def _min_jerk(u):
@@ -41,7 +45,7 @@ def _min_jerk(u):
 
 
 def _outside(rng, near):
-    """A point 15-35% beyond the image edge closest to ``near``: off the recorded band."""
+    """A point 15-35% beyond an image edge, off the recorded band (near ``near`` along the edge)."""
     p = np.clip(np.asarray(near, float) + rng.normal(0, 0.1, 2), 0.05, 0.95)
     axis = int(rng.integers(2))
     p[axis] = -rng.uniform(0.15, 0.35) if p[axis] < 0.5 else 1 + rng.uniform(0.15, 0.35)
@@ -56,64 +60,9 @@ def _edge(rng, near):
     return p
 
 
-class _Dwell:
-    """Pointer motion over one target during [a, b]: circling an object, or loops for the background."""
-
-    def __init__(self, rng, target, objects, style: Style, a: float, b: float):
-        self.a, self.b = a, b
-        if target == "bg":
-            self.c = 0.5 + rng.normal(0, 0.05, 2)
-            self.r = rng.uniform(0.25, 0.6, 2)  # > 0.6 leaves the recorded band
-            w = 2 * np.pi * rng.uniform(0.25, 0.5)
-            self.w = np.array([w, w * rng.uniform(0.7, 1.4)])
-            self.phase = rng.uniform(0, 2 * np.pi, 2)
-            self.mod = 0.0
-        else:
-            x0, y0, x1, y1 = objects[target]
-            half = np.array([x1 - x0, y1 - y0]) / 2
-            self.c = np.array([x0 + x1, y0 + y1]) / 2 + rng.normal(0, 0.08, 2) * half
-            self.r = style.scribble * rng.uniform(0.8, 1.2) * half
-            w = 2 * np.pi * rng.uniform(0.6, 1.5) * (1 if rng.random() < 0.5 else -1)
-            p = rng.uniform(0, 2 * np.pi)
-            self.w, self.phase = np.array([w, w]), np.array([p, p + np.pi / 2])
-            self.mod = 0.25
-
-    def __call__(self, t):
-        u = np.atleast_1d(np.asarray(t, float))[:, None] - self.a
-        pos = self.c + self.r * np.sin(self.w * u + self.phase) * (1 + self.mod * np.sin(2.3 * self.w[0] * u))
-        return pos
-
-
-def _travel(rng, t, p0, p1, g0, g1, style: Style, nominal: float, first: bool, leave: bool = False):
-    """Positions at times ``t`` (within [g0, g1]) moving from p0 to p1 (via a point off the
-    recorded band when ``leave``)."""
-    dur = g1 - g0
-    pts = [p0]
-    if leave:
-        pts.append(_outside(rng, (p0 + p1) / 2))
-    elif dur > 0.8 and not first:
-        r = rng.random()
-        if r < style.exit_p:
-            pts.append(_outside(rng, (p0 + p1) / 2))
-        elif r < style.exit_p + 0.12:
-            pts.append(_edge(rng, (p0 + p1) / 2))
-        elif r < style.exit_p + 0.3:
-            pts.append(rng.uniform(0.1, 0.9, 2))
-    pts.append(p1)
-    move = dur if len(pts) > 2 else min(dur, nominal * rng.uniform(1.0, 1.6) if not first else rng.uniform(0.5, 1.2))
-    s0 = g1 - move  # hold still (but for jitter) before moving
-    legs = len(pts) - 1
-    u = np.clip((t - s0) / max(move, 1e-6), 0, 1) * legs
-    leg = np.minimum(u.astype(int), legs - 1)
-    frac = _min_jerk(u - leg)[:, None]
-    pts = np.asarray(pts)
-    return pts[leg] + (pts[leg + 1] - pts[leg]) * frac
-
-
-def make_traces(rng, words, boxes, style: Style) -> list:
-    """Trace segments, each ``(x, y, t)`` arrays (rounded as written), for the spoken ``words`` over
-    objects with normalized ``boxes`` (x0, y0, x1, y1)."""
-    # Chunks: runs of words about one target; a chunk lasts until the next word starts (its pause).
+def _plan(words):
+    """Chunks ``[target, start, end, last word index]``: runs of words about one target (filler
+    words, whose target is None, belong to none)."""
     chunks = []
     for i, w in enumerate(words):
         if w.target is None:
@@ -122,25 +71,52 @@ def make_traces(rng, words, boxes, style: Style) -> list:
             chunks[-1][2], chunks[-1][3] = w.end, i
         else:
             chunks.append([w.target, w.start, w.end, i])
-    leave = []
-    for c in chunks:
-        nxt = words[c[3] + 1].start if c[3] + 1 < len(words) else None
-        # At a sentence end the pointer sometimes leaves the image during the pause and re-enters.
-        leave.append(nxt is not None and words[c[3]].text.endswith(".") and nxt - c[2] > 0.45
-                     and rng.random() < 1.5 * style.exit_p)
-        c[2] = c[2] + 0.1 if leave[-1] else nxt if nxt is not None else c[2] + rng.uniform(0.2, 0.5)
+    return chunks
 
-    lag = style.lag + rng.normal(0, 0.15)
+
+def make_traces(rng, words, boxes, style: Style) -> list:
+    """Trace segments, each ``(x, y, t)`` arrays (rounded as written), for the spoken ``words`` over
+    objects with normalized ``boxes`` (x0, y0, x1, y1).
+
+    Time is cut into dwells (one per chunk of words about one target) and the gaps between them;
+    the few per-piece parameters are drawn in Python, then every point is evaluated at once."""
+    chunks = _plan(words)
     n = len(chunks)
-    shift = np.clip(lag + rng.normal(0, 0.1, n), -0.6, 1.0)
+    leave = np.zeros(n + 1, bool)  # gap j (before dwell j; gap n is after the last) leaves the band
+    for j, c in enumerate(chunks):
+        # A dwell lasts until the next word starts (the pointer stays during the pause), except that
+        # at a sentence end the pointer sometimes leaves the image during the pause and re-enters.
+        nxt = words[c[3] + 1].start if c[3] + 1 < len(words) else None
+        leave[j + 1] = (nxt is not None and words[c[3]].text.endswith(".") and nxt - c[2] > 0.45
+                        and rng.random() < 1.5 * style.exit_p)
+        c[2] = c[2] + 0.1 if leave[j + 1] else nxt if nxt is not None else c[2] + rng.uniform(0.2, 0.5)
+
+    # Dwell parameters: circling an object (ellipse around its center), loops for the background.
+    is_bg = np.array([c[0] == "bg" for c in chunks])
+    box = np.array([(0.3, 0.3, 0.7, 0.7) if c[0] == "bg" else boxes[c[0]] for c in chunks], float)
+    half = (box[:, 2:] - box[:, :2]) / 2
+    center = (box[:, :2] + box[:, 2:]) / 2 + rng.normal(0, 0.08, (n, 2)) * half
+    radius = style.scribble * rng.uniform(0.8, 1.2, (n, 1)) * half
+    omega = 2 * np.pi * rng.uniform(0.6, 1.5, (n, 1)) * np.where(rng.random((n, 1)) < 0.5, 1, -1)
+    omega = np.repeat(omega, 2, 1)
+    phase = rng.uniform(0, 2 * np.pi, (n, 1)) + [0, np.pi / 2]
+    mod = np.full(n, 0.25)
+    if is_bg.any():
+        k = int(is_bg.sum())
+        center[is_bg] = 0.5 + rng.normal(0, 0.05, (k, 2))
+        radius[is_bg] = rng.uniform(0.25, 0.6, (k, 2))  # > 0.6 leaves the recorded band
+        w = 2 * np.pi * rng.uniform(0.25, 0.5, (k, 1))
+        omega[is_bg] = w * np.concatenate([np.ones((k, 1)), rng.uniform(0.7, 1.4, (k, 1))], 1)
+        phase[is_bg] = rng.uniform(0, 2 * np.pi, (k, 2))
+        mod[is_bg] = 0.0
+
+    # Dwell times: speech shifted by the annotator's lag; room to travel between dwells.
+    shift = np.clip(style.lag + rng.normal(0, 0.15) + rng.normal(0, 0.1, n), -0.6, 1.0)
     a = np.array([c[1] for c in chunks]) + shift - rng.uniform(0, 0.15, n)
     b = np.array([c[2] for c in chunks]) + shift
-    centers = [np.array([0.5, 0.5]) if c[0] == "bg" else
-               np.array([(boxes[c[0]][0] + boxes[c[0]][2]) / 2, (boxes[c[0]][1] + boxes[c[0]][3]) / 2])
-               for c in chunks]
-    tau = [float(np.clip(0.2 + 0.3 * np.hypot(*(centers[j + 1] - centers[j])), 0.2, 0.6)) for j in range(n - 1)]
+    tau = np.clip(0.2 + 0.3 * np.hypot(*(center[1:] - center[:-1]).T), 0.2, 0.6)  # travel seconds
     a[0] = max(a[0], 0.0)
-    for j in range(n - 1):  # make room to travel, keeping every dwell at least 0.2 s
+    for j in range(n - 1):  # keep every dwell at least 0.2 s
         if a[j + 1] - b[j] < tau[j]:
             m = (b[j] + a[j + 1]) / 2
             b[j], a[j + 1] = m - tau[j] / 2, m + tau[j] / 2
@@ -150,24 +126,50 @@ def make_traces(rng, words, boxes, style: Style) -> list:
     b[-1] = max(b[-1], a[-1] + 0.2)
     end = max(words[-1].end + rng.uniform(0.3, 1.0), b[-1] + 0.1)
 
+    def dwell(j, t):
+        u = (t - a[j])[:, None]
+        return center[j] + radius[j] * np.sin(omega[j] * u + phase[j]) \
+            * (1 + mod[j][:, None] * np.sin(2.3 * omega[j, :1] * u))
+
+    starts, ends = dwell(np.arange(n), a), dwell(np.arange(n), b)
+    # Gaps: from where the pointer was to where the next dwell starts, after holding still, on a
+    # minimum-jerk path; some go through a detour (a point in the image, near or far off its edge).
+    p0 = np.concatenate([[rng.uniform(0.1, 0.9, 2) if rng.random() < 0.65 else _outside(rng, rng.random(2))],
+                         ends])
+    p1 = np.concatenate([starts, [_outside(rng, ends[-1]) if rng.random() < 0.5
+                                  else ends[-1] + rng.normal(0, 0.05, 2)]])
+    g0, g1 = np.concatenate([[0.0], b]), np.concatenate([a, [end]])
+    via, legs, move = p1.copy(), np.ones(n + 1, int), np.empty(n + 1)
+    for j in range(n + 1):
+        first = j == 0 or j == n
+        mid = (p0[j] + p1[j]) / 2
+        r = rng.random()
+        if leave[j] or (not first and g1[j] - g0[j] > 0.8 and r < style.exit_p):
+            via[j], legs[j] = _outside(rng, mid), 2
+        elif not first and g1[j] - g0[j] > 0.8 and r < style.exit_p + 0.3:
+            via[j], legs[j] = (_edge(rng, mid) if r < style.exit_p + 0.12 else rng.uniform(0.1, 0.9, 2)), 2
+        dur = g1[j] - g0[j]
+        move[j] = dur if legs[j] == 2 else min(dur, rng.uniform(0.5, 1.2) if first
+                                               else tau[j - 1] * rng.uniform(1.0, 1.6))
+    pts = np.stack([p0, via, p1], 1)  # [gaps, 3, 2]; one-leg gaps go p0 -> via (= p1)
+
     t = np.arange(int(end / DT) + 1) * DT + rng.uniform(-0.01, 0.01, int(end / DT) + 1)
     t[0] = 0.0
+    piece = np.searchsorted(np.stack([a, b], 1).ravel(), t, side="right")  # odd: in dwell (piece-1)//2
+    in_dwell = piece % 2 == 1
     pos = np.empty((len(t), 2))
-    dwells = [_Dwell(rng, c[0], boxes, style, a[j], b[j]) for j, c in enumerate(chunks)]
-    idx_a, idx_b = np.searchsorted(t, a), np.searchsorted(t, b)
-    prev_end = rng.uniform(0.1, 0.9, 2) if rng.random() < 0.65 else _outside(rng, rng.uniform(0, 1, 2))
-    g0, i0 = 0.0, 0
-    for j, d in enumerate(dwells):
-        pos[i0:idx_a[j]] = _travel(rng, t[i0:idx_a[j]], prev_end, d(a[j])[0], g0, a[j], style,
-                                   tau[j - 1] if j else 0.5, first=(j == 0), leave=j > 0 and leave[j - 1])
-        pos[idx_a[j]:idx_b[j]] = d(t[idx_a[j]:idx_b[j]])
-        prev_end, g0, i0 = d(b[j])[0], b[j], idx_b[j]
-    final = _outside(rng, prev_end) if rng.random() < 0.5 else prev_end + rng.normal(0, 0.05, 2)
-    pos[i0:] = _travel(rng, t[i0:], prev_end, final, g0, end, style, 0.5, first=True)
+    pos[in_dwell] = dwell((piece[in_dwell] - 1) // 2, t[in_dwell])
+    g = piece[~in_dwell] // 2
+    s0 = g1[g] - move[g]
+    u = np.clip((t[~in_dwell] - s0) / np.maximum(move[g], 1e-6), 0, 1) * legs[g]
+    leg = np.minimum(u.astype(int), legs[g] - 1)
+    start = pts[g, leg]
+    pos[~in_dwell] = start + (pts[g, leg + 1] - start) * _min_jerk(u - leg)[:, None]
 
     # Hand jitter: smooth tremor (moving sum of white noise) plus a little white noise.
     walk = np.cumsum(rng.standard_normal((len(t) + 6, 2)), 0)
-    pos += style.jitter * (0.006 / np.sqrt(6) * (walk[6:] - walk[:-6]) + 0.0025 * rng.standard_normal(pos.shape))
+    tremor = 0.006 / np.sqrt(6) * (walk[6:] - walk[:-6]) + 0.0025 * rng.standard_normal(pos.shape)
+    pos += style.jitter * tremor
     pos[1:-1] = 0.25 * pos[:-2] + 0.5 * pos[1:-1] + 0.25 * pos[2:]
 
     inside = (np.abs(pos - 0.5) <= 0.5 + BAND).all(1)

@@ -1,7 +1,7 @@
-"""The embedded data set's vocabulary: shape kinds (the COCO categories), colors, sizes, backgrounds.
+"""The embedded data set's vocabulary: shape kinds (the COCO categories), colors, sizes, backdrops.
 
-Shapes are unit polygons (box-centered, longer side spanning [-1, 1]). Their rotation jitter is limited so that kinds stay
-distinguishable (a square turned 45 degrees would be a diamond).
+Shapes are unit polygons (box-centered, the longer side spanning [-1, 1]). Their rotation jitter is
+limited so that kinds stay distinguishable (a square turned 45 degrees would be a diamond).
 """
 from __future__ import annotations
 
