@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from loctex.config import Config, save_config, to_dict
+from loctex.config import Config, save_config
 
 from . import checkpoint as ckpt
 from . import ds_config
@@ -345,4 +345,4 @@ def train(cfg: Config, deepspeed_config: str | None = None) -> int:
         trainer.close()
 
 
-__all__ = ["Trainer", "train", "to_dict"]
+__all__ = ["Trainer", "train"]

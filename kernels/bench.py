@@ -341,10 +341,15 @@ def write_markdown(path, rows, meta, targets):
         f.write("\n".join(lines))
 
 
-def write_plot(path, rows, meta):
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def write_plot(path, rows, meta):
+    plt = _pyplot()
 
     kernels = list(dict.fromkeys(r["kernel"] for r in rows if r["metric"] == "full_ms"))
     if not kernels:
@@ -412,6 +417,7 @@ def _targets(rows, device) -> list[str]:
 def run(device: str, quick: bool, out_dir: str, providers=("reference", "triton", "cpp"),
         kernels=None, dtype: str = "auto", log=print) -> dict:
     import triton
+    _pyplot()  # load matplotlib's libraries before any profiling (a late dlopen crashed once here)
     tdtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
               "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     name, slug = device_info(device)

@@ -92,6 +92,7 @@ def _register_python_parts() -> None:
     # trace_attention_loss returns its gradients for a unit upstream gradient along with the
     # loss (computed in the same pass); the backward scales them.
     def _loss_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: skip their zeros
         grad_q, grad_k, grad_points = inputs[11:14]
         ctx.computed = (grad_q, grad_k, grad_points, grad_points)
         ctx.dtypes = [t.dtype for t in inputs[:4]]

@@ -47,6 +47,7 @@ inline float exp_nonpositive(float x) {
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
 // log(x) for normal x > 0, vectorizable (Cephes logf, about 1 ulp). double uses std::log.
+// (GCC vectorizes it only while it stays free of branches.)
 inline float log_positive(float x) {
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
@@ -54,9 +55,9 @@ inline float log_positive(float x) {
   const int32_t mbits = (bits & 0x007fffff) | 0x3f000000;
   float m;
   std::memcpy(&m, &mbits, sizeof(m));
-  const bool low = m < 0.707106781186547524f;
-  const float ef = static_cast<float>(low ? e - 1 : e);
-  const float f = low ? m + m - 1.0f : m - 1.0f;
+  const float low = m < 0.707106781186547524f ? 1.0f : 0.0f;  // arithmetic, no branch: vectorizes
+  const float ef = static_cast<float>(e) - low;
+  const float f = m * (1.0f + low) - 1.0f;
   const float z = f * f;
   float y = 7.0376836292e-2f;
   y = y * f - 1.1514610310e-1f;
@@ -73,6 +74,18 @@ inline float log_positive(float x) {
   return f + y + 0.693359375f * ef;
 }
 inline double log_positive(double x) { return std::log(x); }
+
+// GCC vector extension types: VectorOf<T, n>::type holds n lanes of T.
+template <typename T, int n>
+struct VectorOf;
+template <int n>
+struct VectorOf<float, n> {
+  typedef float type __attribute__((vector_size(n * sizeof(float))));
+};
+template <int n>
+struct VectorOf<double, n> {
+  typedef double type __attribute__((vector_size(n * sizeof(double))));
+};
 
 // Relaxed atomic add on float/double via compare-and-swap: point ranges of different tokens may
 // overlap (padded time windows), so gradients of a point can come from several threads.
@@ -102,15 +115,20 @@ class TraceRenderer {
     factors(pts, s, e);
     T* pad = pad_.data();
     std::fill(pad, pad + H_ * Wp_, T(0));
-    for (int64_t i = 0; i < e - s; ++i) {
-      const T* exi = ex_.data() + i * Wp_;
-      const T* eyi = ey_.data() + i * Hp_;
-      const T wi = wts[s + i];
-      for (int64_t h = 0; h < H_; ++h) {
-        T* row = pad + h * Wp_;
-        const T c = wi * eyi[h];
+    if (Wp_ == 8) {
+      accumulate<8>(wts + s, e - s, pad);
+    } else if (Wp_ == 16) {
+      accumulate<16>(wts + s, e - s, pad);
+    } else {
+      for (int64_t i = 0; i < e - s; ++i) {
+        const T* exi = ex_.data() + i * Wp_;
+        const T* eyi = ey_.data() + i * Hp_;
+        for (int64_t h = 0; h < H_; ++h) {
+          T* row = pad + h * Wp_;
+          const T c = wts[s + i] * eyi[h];
 #pragma omp simd
-        for (int64_t w = 0; w < Wp_; ++w) row[w] += c * exi[w];
+          for (int64_t w = 0; w < Wp_; ++w) row[w] += c * exi[w];
+        }
       }
     }
     T total = 0;
@@ -152,6 +170,24 @@ class TraceRenderer {
 
  private:
   static int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
+
+  // pad[h, :] += w_i EY[i, h] EX[i, :] with rows of a fixed width WP (up to 16 columns, i.e. the
+  // usual grids) held as one vector each: no per-row loop overhead.
+  template <int WP>
+  void accumulate(const T* w, int64_t n, T* pad) const {
+    using Row = typename VectorOf<T, WP>::type;
+    for (int64_t i = 0; i < n; ++i) {
+      Row x;
+      std::memcpy(&x, ex_.data() + i * WP, sizeof(Row));
+      const T* eyi = ey_.data() + i * Hp_;
+      for (int64_t h = 0; h < H_; ++h) {
+        Row r;
+        std::memcpy(&r, pad + h * WP, sizeof(Row));
+        r += (w[i] * eyi[h]) * x;
+        std::memcpy(pad + h * WP, &r, sizeof(Row));
+      }
+    }
+  }
 
   // Cell centers (i + 0.5) / n, padded to np entries with +inf, whose factor is exp(-inf) = 0.
   static std::vector<T> centers(int64_t n, int64_t np) {

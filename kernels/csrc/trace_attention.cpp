@@ -44,8 +44,9 @@ T token_loss(LossType lt, int64_t N, const T* R, T S, T* z, const T* e, T se, T 
     case LossType::kKL:  // Σ P (log P − log A), 0·log 0 = 0
 #pragma omp simd reduction(+ : loss)
       for (int64_t n = 0; n < N; ++n) {
-        const T P = R[n] / S;  // P = 0 gives 0·(finite): no branch, so the loop vectorizes
-        loss += P * (log_positive(std::max(P, std::numeric_limits<T>::min())) - (z[n] - lse));
+        // P = 0 gives 0·log(tiny) = 0 without a branch (a branch stops the vectorization)
+        const T P = R[n] / S;
+        loss += P * (log_positive(P + std::numeric_limits<T>::min()) - (z[n] - lse));
       }
       break;
     case LossType::kCE:  // −Σ P log A
@@ -217,12 +218,9 @@ Outputs trace_attention_loss_cpu(const at::Tensor& q, const at::Tensor& k,
     inv_n = 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1));
     loss = at::scalar_tensor(sum * inv_n, qf.options());
   });
-  // dq = dZ·k / n_valid, dk = dZᵀ·q / n_valid (the GEMM applies the 1/n_valid)
-  at::Tensor dq = grad_q ? at::baddbmm(at::empty({B, L, D}, qf.options()), Z, kf, 0.0, inv_n)
-                         : at::empty({0}, qf.options());
-  at::Tensor dk = grad_k ? at::baddbmm(at::empty({B, N, D}, kf.options()), Z.transpose(1, 2), qf,
-                                       0.0, inv_n)
-                         : at::empty({0}, kf.options());
+  if (grad_z) Z.mul_(inv_n);  // dL/d(q·kᵀ) of the mean
+  at::Tensor dq = grad_q ? at::bmm(Z, kf) : at::empty({0}, qf.options());
+  at::Tensor dk = grad_k ? at::bmm(Z.transpose(1, 2), qf) : at::empty({0}, kf.options());
   if (grad_points) {
     dpts.mul_(inv_n);
     dwts.mul_(inv_n);
