@@ -99,6 +99,8 @@ def _register_python_parts() -> None:
         ctx.save_for_backward(*output[1:])
 
     def _loss_backward(ctx, grad_loss, *_unused):
+        if grad_loss is None:  # no gradient reached the loss
+            return (None,) * 14
         names = ("q", "k", "points_xy", "point_weights")
         for name, needed, computed in zip(names, ctx.needs_input_grad, ctx.computed):
             if needed and not computed:
@@ -116,9 +118,8 @@ def render_traces_cpp(points_xy, point_weights, token_ranges, grid_hw, sigma):
     """-> (heat [B, L, H, W], valid [B, L] bool); float32, or float64 for float64 inputs."""
     if not _load():
         raise RuntimeError(f"the LocTex C++ ops are not available: {load_error()}")
-    heat, valid = torch.ops.loctex.render_traces(
-        points_xy, point_weights, token_ranges, int(grid_hw[0]), int(grid_hw[1]), float(sigma))
-    return heat, valid
+    return tuple(torch.ops.loctex.render_traces(
+        points_xy, point_weights, token_ranges, int(grid_hw[0]), int(grid_hw[1]), float(sigma)))
 
 
 def trace_attention_loss_cpp(q, k, points_xy, point_weights, token_ranges, loc_mask, grid_hw,
@@ -126,8 +127,9 @@ def trace_attention_loss_cpp(q, k, points_xy, point_weights, token_ranges, loc_m
     """Scalar localization loss (float32, or float64 for float64 inputs); see DESIGN §3."""
     if not _load():
         raise RuntimeError(f"the LocTex C++ ops are not available: {load_error()}")
-    wants = torch.is_grad_enabled()
-    return torch.ops.loctex.trace_attention_loss(
+    grads = torch.is_grad_enabled()  # the op computes the gradients asked for in the same pass
+    loss, *_ = torch.ops.loctex.trace_attention_loss(
         q, k, points_xy, point_weights, token_ranges, loc_mask, int(grid_hw[0]), int(grid_hw[1]),
-        float(sigma), float(scale), str(loss_type), wants and q.requires_grad,
-        wants and k.requires_grad, wants and (points_xy.requires_grad or point_weights.requires_grad))[0]
+        float(sigma), float(scale), str(loss_type), grads and q.requires_grad,
+        grads and k.requires_grad, grads and (points_xy.requires_grad or point_weights.requires_grad))
+    return loss

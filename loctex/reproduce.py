@@ -31,7 +31,7 @@ MODELS = ("random", "contrastive", "loctex")
 CONFIGS = {"contrastive": "embedded_contrastive.yaml", "loctex": "embedded.yaml"}
 
 # (images, pre-training steps, dense-probe steps); image size and the rest come from the configs
-BUDGETS = {"full": (2000, 300, 300), "quick": (500, 100, 150)}
+BUDGETS = {"full": (4000, 1000, 400), "quick": (1000, 200, 200)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

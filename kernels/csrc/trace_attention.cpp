@@ -128,12 +128,12 @@ void fused_tokens(LossType lt, int64_t BL, int64_t grid_h, int64_t grid_w, doubl
   T* z_all = Z.data_ptr<T>();
   at::parallel_for(0, BL, 8, [&](int64_t begin, int64_t end) {
     TraceRenderer<T> renderer(grid_h, grid_w, sigma);
-    std::vector<T> R(N), e(N), G(grad_points ? N : 0);
+    std::vector<T> R(N), ez(N), G(grad_points ? N : 0);
     for (int64_t tok = begin; tok < end; ++tok) {
       T* z = z_all + tok * N;
-      int64_t s, e_;
-      token_range(ranges, tok, &s, &e_);
-      const T S = mask[tok] ? renderer.render(p, w, s, e_, R.data()) : T(0);
+      int64_t first, last;
+      token_range(ranges, tok, &first, &last);
+      const T S = mask[tok] ? renderer.render(p, w, first, last, R.data()) : T(0);
       if (!(S > static_cast<T>(kRenderEps))) {  // not a target (NaN included)
         if (grad_z) std::fill(z, z + N, T(0));
         continue;
@@ -147,12 +147,12 @@ void fused_tokens(LossType lt, int64_t BL, int64_t grid_h, int64_t grid_w, doubl
       T se = 0;
 #pragma omp simd reduction(+ : se)
       for (int64_t n = 0; n < N; ++n) {
-        e[n] = exp_nonpositive(z[n] - mx);
-        se += e[n];
+        ez[n] = exp_nonpositive(z[n] - mx);
+        se += ez[n];
       }
-      loss_p[tok] = token_loss(lt, N, R.data(), S, z, e.data(), se, mx + std::log(se), sc, grad_z,
+      loss_p[tok] = token_loss(lt, N, R.data(), S, z, ez.data(), se, mx + std::log(se), sc, grad_z,
                                grad_points ? G.data() : nullptr);
-      if (grad_points) renderer.render_backward(p, w, s, e_, G.data(), dpts, dwts);
+      if (grad_points) renderer.render_backward(p, w, first, last, G.data(), dpts, dwts);
     }
   });
 }

@@ -39,8 +39,10 @@ def _dot(a, b, UPCAST: tl.constexpr):
     # the tensor cores and fp32 ones take exact ("ieee") fp32 dots.
     if UPCAST:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
+    elif a.dtype == tl.float32:
         out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
     return out
 
 
@@ -197,6 +199,8 @@ def _bwd_kernel(q_ptr, k_ptr, points_ptr, weights_ptr, ranges_ptr,
 
 
 def _config(L: int, N: int, D: int):
+    """Tiles: a block of tokens (tl.dot needs >= 16 rows), a grid tile, the whole D in one block.
+    Not autotuned yet: chosen without a GPU at hand."""
     block_l = 16 if L <= 16 else 32
     block_n = min(64, max(16, triton.next_power_of_2(N)))
     block_d = max(16, triton.next_power_of_2(D))
@@ -214,7 +218,8 @@ class _TraceAttentionLoss(torch.autograd.Function):
         per_token, lse, sum_r, t_term = stats
         args = (L, N, D, H, W, float(scale), -1.0 / (2.0 * float(sigma) ** 2))
         meta = dict(LOSS=_LOSS_CODE[loss_type], BLOCK_L=block_l, BLOCK_N=block_n, BLOCK_D=block_d,
-                    UPCAST=_INTERPRET and q.dtype != torch.float32)
+                    UPCAST=_INTERPRET and q.dtype != torch.float32,
+                    num_warps=4 if block_d <= 128 else 8)
         if B * L > 0:
             _fwd_kernel[(B, triton.cdiv(L, block_l))](
                 q, k, pts, wts, ranges, per_token, lse, sum_r, t_term, *args, **meta)
