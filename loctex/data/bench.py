@@ -19,6 +19,7 @@ Prints one JSON line per run (``--json FILE`` appends it to FILE as well).
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -215,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     loader = build_loader(cfg, str(prepared), train=True, rank=0, world_size=1)
     backend = getattr(loader, "backend", "torch")
     result = measure(loader, args.batches, args.warmup)
+    # Persistent DataLoader workers live as long as the loader: end them before the temporary
+    # images go away, or their prefetching reports every remaining image as unreadable.
+    del loader
+    gc.collect()
     result = {"backend": backend, "data": name, "image_size": args.image_size,
               "batch_size": args.batch_size, "workers": args.workers,
               "machine_cores": os.cpu_count(), "loadavg_1m_before": round(load_before, 2),
