@@ -31,7 +31,7 @@ MODELS = ("random", "contrastive", "loctex")
 CONFIGS = {"contrastive": "embedded_contrastive.yaml", "loctex": "embedded.yaml"}
 
 # (images, pre-training steps, dense-probe steps); image size and the rest come from the configs
-BUDGETS = {"full": (4000, 1000, 400), "quick": (1000, 200, 200)}
+BUDGETS = {"full": (4000, 1000, 1000), "quick": (1000, 200, 500)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
