@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,11 +73,13 @@ def load_segmentation_set(instances_json: str | Path, images_dir: str | Path, si
     label_of = {c: i + 1 for i, c in enumerate(cat_ids)}
     infos, paths = _images(coco, images_dir, max_images)
     masks = np.zeros((len(infos), size, size), np.uint8)
-    for r, info in enumerate(infos):
-        sem = np.zeros((info["height"], info["width"]), np.uint8)
-        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=info["id"])), key=lambda a: -a["area"])
-        for ann in anns:
-            sem[coco.annToMask(ann).astype(bool)] = (IGNORE if ann.get("iscrowd", 0)
-                                                     else label_of[ann["category_id"]])
-        masks[r] = np.asarray(Image.fromarray(sem).resize((size, size), Image.NEAREST))
+    with warnings.catch_warnings():  # pycocotools' decode trips a NumPy 2 DeprecationWarning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for r, info in enumerate(infos):
+            sem = np.zeros((info["height"], info["width"]), np.uint8)
+            anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=info["id"])), key=lambda a: -a["area"])
+            for ann in anns:
+                sem[coco.annToMask(ann).astype(bool)] = (IGNORE if ann.get("iscrowd", 0)
+                                                         else label_of[ann["category_id"]])
+            masks[r] = np.asarray(Image.fromarray(sem).resize((size, size), Image.NEAREST))
     return SegmentationSet(paths, masks, ["background"] + [coco.loadCats(c)[0]["name"] for c in cat_ids])
