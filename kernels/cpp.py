@@ -64,14 +64,13 @@ def _register_python_parts() -> None:
 
     @torch.library.register_fake("loctex::trace_attention_loss")
     def _loss_fake(q, k, points_xy, point_weights, token_ranges, loc_mask, grid_h, grid_w,
-                   sigma, scale, loss_type, grad_q, grad_k, grad_points):
+                   sigma, scale, loss_type, grad_logits, grad_points):
         dtype = _acc_dtype(q, k, points_xy, point_weights)
-
-        def grad_like(x, wanted):
-            return x.new_empty(x.shape if wanted else (0,), dtype=dtype)
-
-        return (q.new_empty((), dtype=dtype), grad_like(q, grad_q), grad_like(k, grad_k),
-                grad_like(points_xy, grad_points), grad_like(point_weights, grad_points))
+        B, L = q.shape[:2]
+        return (q.new_empty((), dtype=dtype),
+                q.new_empty((B, L, grid_h * grid_w) if grad_logits else (0,), dtype=dtype),
+                points_xy.new_empty(points_xy.shape if grad_points else (0,), dtype=dtype),
+                point_weights.new_empty(point_weights.shape if grad_points else (0,), dtype=dtype))
 
     def _render_setup(ctx, inputs, output):
         points_xy, point_weights, token_ranges, grid_h, grid_w, sigma = inputs
@@ -89,26 +88,39 @@ def _register_python_parts() -> None:
     torch.library.register_autograd("loctex::render_traces", _render_backward,
                                     setup_context=_render_setup)
 
-    # trace_attention_loss returns its gradients for a unit upstream gradient along with the
-    # loss (computed in the same pass); the backward scales them.
+    # trace_attention_loss returns dL/d(q·kᵀ) and the point gradients for a unit upstream
+    # gradient along with the loss (computed in the same pass). The backward scales dL/d(q·kᵀ)
+    # ([B, L, H*W], small) by the upstream gradient before the two GEMMs that give dq and dk, so
+    # those are written once, already scaled.
     def _loss_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: skip their zeros
-        grad_q, grad_k, grad_points = inputs[11:14]
-        ctx.computed = (grad_q, grad_k, grad_points, grad_points)
+        q, k = inputs[:2]
+        ctx.computed = (inputs[11], inputs[11], inputs[12], inputs[12])
         ctx.dtypes = [t.dtype for t in inputs[:4]]
-        ctx.save_for_backward(*output[1:])
+        ctx.save_for_backward(q, k, *output[1:])
 
     def _loss_backward(ctx, grad_loss, *_unused):
         if grad_loss is None:  # no gradient reached the loss
-            return (None,) * 14
+            return (None,) * 13
         names = ("q", "k", "points_xy", "point_weights")
-        for name, needed, computed in zip(names, ctx.needs_input_grad, ctx.computed):
+        need = ctx.needs_input_grad
+        for name, needed, computed in zip(names, need, ctx.computed):
             if needed and not computed:
                 raise RuntimeError(f"loctex::trace_attention_loss was called without the gradient "
                                    f"of {name}; pass its grad_* flag (trace_attention_loss_cpp does)")
-        return tuple((grad_loss * g).to(dtype) if computed else None
-                     for g, computed, dtype in zip(ctx.saved_tensors, ctx.computed, ctx.dtypes)
-                     ) + (None,) * 10
+        q, k, grad_logits, grad_points, grad_weights = ctx.saved_tensors
+        dq = dk = d_points = d_weights = None
+        if need[0] or need[1]:
+            dz = grad_logits * grad_loss.to(grad_logits.dtype)
+            if need[0]:
+                dq = torch.bmm(dz, k.to(dz.dtype)).to(ctx.dtypes[0])
+            if need[1]:
+                dk = torch.bmm(dz.transpose(1, 2), q.to(dz.dtype)).to(ctx.dtypes[1])
+        if need[2]:
+            d_points = (grad_points * grad_loss).to(ctx.dtypes[2])
+        if need[3]:
+            d_weights = (grad_weights * grad_loss).to(ctx.dtypes[3])
+        return (dq, dk, d_points, d_weights) + (None,) * 9
 
     torch.library.register_autograd("loctex::trace_attention_loss", _loss_backward,
                                     setup_context=_loss_setup)
@@ -130,6 +142,6 @@ def trace_attention_loss_cpp(q, k, points_xy, point_weights, token_ranges, loc_m
     grads = torch.is_grad_enabled()  # the op computes the gradients asked for in the same pass
     loss, *_ = torch.ops.loctex.trace_attention_loss(
         q, k, points_xy, point_weights, token_ranges, loc_mask, int(grid_hw[0]), int(grid_hw[1]),
-        float(sigma), float(scale), str(loss_type), grads and q.requires_grad,
-        grads and k.requires_grad, grads and (points_xy.requires_grad or point_weights.requires_grad))
+        float(sigma), float(scale), str(loss_type), grads and (q.requires_grad or k.requires_grad),
+        grads and (points_xy.requires_grad or point_weights.requires_grad))
     return loss

@@ -54,7 +54,7 @@ def assert_matches(got, want, rtol=1e-5, grad_tol=1e-5):
 
 # ---- render_traces ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("grid", [(1, 1), (3, 5), (7, 7)])
+@pytest.mark.parametrize("grid", [(1, 1), (3, 5), (7, 7), (10, 13), (17, 3), (4, 20)])
 def test_render_matches_reference(provider, grid):
     x = inputs(3, 4, grid, 8, ppt=6, outside=0.3)
     pts = x["points_xy"].clone()
@@ -195,15 +195,47 @@ def test_cpp_loss_gradcheck_float64(loss_type):
 
 
 @needs_cpp
-def test_cpp_render_gradcheck_float64():
-    x = inputs(2, 3, (3, 2), 4, ppt=4)
+@pytest.mark.parametrize("grid", [(3, 2), (10, 9), (17, 18)])  # 8, 16 and 24 padded rows/columns
+def test_cpp_render_gradcheck_float64(grid):
+    x = inputs(2, 3, grid, 4, ppt=4)
     pts = x["points_xy"].double().requires_grad_()
     wts = x["point_weights"].double().requires_grad_()
 
     def f(p, w):
-        return cpp.render_traces_cpp(p, w, x["token_ranges"], (3, 2), 0.25)[0]
+        return cpp.render_traces_cpp(p, w, x["token_ranges"], grid, 0.25)[0]
 
     assert torch.autograd.gradcheck(f, (pts, wts), eps=1e-6, atol=1e-6)
+
+
+@needs_cpp
+def test_cpp_same_results_on_one_and_several_threads():
+    # tokens run in parallel and several tokens add into one point's gradient: no races
+    x = inputs(6, 16, (7, 7), 12, ppt=10, seed=3)
+    leaves = [x["q"].float(), x["k"].float(), x["points_xy"].double(), x["point_weights"].double()]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            ts = [t.detach().clone().requires_grad_() for t in leaves]
+            loss = cpp.trace_attention_loss_cpp(*ts, x["token_ranges"], x["loc_mask"], (7, 7),
+                                                0.15, 0.5, "kl")
+            results.append((loss, *torch.autograd.grad(loss, ts)))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)  # summed in order
+    for a, b in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@needs_cpp
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch is not built with OpenMP")
+def test_cpp_library_is_built_with_openmp():
+    # ATen's parallel_for is a header template around `#pragma omp parallel` in OpenMP builds of
+    # torch: a library compiled without OpenMP runs every op on one thread, silently.
+    with open(cpp._library_path(), "rb") as f:
+        assert b"GOMP_parallel" in f.read()
 
 
 @needs_cpp
@@ -213,7 +245,7 @@ def test_cpp_ops_register_fake_and_autograd():
     pts, wts = x["points_xy"], x["point_weights"]
     torch.library.opcheck(torch.ops.loctex.trace_attention_loss.default,
                           (q, k, pts, wts, x["token_ranges"], x["loc_mask"], 2, 2, 0.2, 1.0, "kl",
-                           True, False, False),
+                           True, False),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     torch.library.opcheck(torch.ops.loctex.render_traces.default,
                           (pts, wts, x["token_ranges"], 2, 2, 0.2),

@@ -10,10 +10,11 @@ TORCH_LIBRARY(loctex, m) {
   m.def("render_traces_backward(Tensor grad_heat, Tensor points_xy, Tensor point_weights, "
         "Tensor token_ranges, int grid_h, int grid_w, float sigma) "
         "-> (Tensor grad_points, Tensor grad_weights)");
-  // The loss and, for the inputs flagged, its gradients for a unit upstream gradient (computed in
-  // the same pass; the autograd formula scales them). Unflagged gradients are empty tensors.
+  // The loss and, when flagged, dL/d(q·kᵀ) [B, L, H*W] and dL/dpoints_xy, dL/dpoint_weights for a
+  // unit upstream gradient (computed in the same pass; the autograd formula scales them and
+  // contracts dL/d(q·kᵀ) with k and q). Unflagged gradients are empty tensors.
   m.def("trace_attention_loss(Tensor q, Tensor k, Tensor points_xy, Tensor point_weights, "
         "Tensor token_ranges, Tensor loc_mask, int grid_h, int grid_w, float sigma, float scale, "
-        "str loss_type, bool grad_q, bool grad_k, bool grad_points) "
-        "-> (Tensor loss, Tensor grad_q, Tensor grad_k, Tensor grad_points, Tensor grad_weights)");
+        "str loss_type, bool grad_logits, bool grad_points) "
+        "-> (Tensor loss, Tensor grad_logits, Tensor grad_points, Tensor grad_weights)");
 }

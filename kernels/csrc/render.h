@@ -107,85 +107,146 @@ class TraceRenderer {
   TraceRenderer(int64_t H, int64_t W, double sigma)
       : H_(H), W_(W), Hp_(pad8(H)), Wp_(pad8(W)), a_(static_cast<T>(-1.0 / (2.0 * sigma * sigma))),
         inv_s2_(static_cast<T>(1.0 / (sigma * sigma))), cx_(centers(W, Wp_)), cy_(centers(H, Hp_)),
-        pad_(H * Wp_) {}
+        cy0_(cy_), pad_(Hp_ * Wp_), drt_(W * Hp_), uv_(2 * Hp_) {
+    std::replace(cy0_.begin(), cy0_.end(), std::numeric_limits<T>::infinity(), T(0));
+  }
 
   // Writes R[H*W] for points [s, e) and returns ΣR.
   T render(const T* pts, const T* wts, int64_t s, int64_t e, T* R) {
+    const int64_t n = e - s;
     factors(pts, s, e);
+    // WEY[i, :] = w_i EY[i, :]: the row weights of the rank-n update below
+    T* wey = wey_.data();
+    const T* ey = ey_.data();
+    for (int64_t i = 0; i < n; ++i) {
+      const T w = wts[s + i];
+#pragma omp simd
+      for (int64_t h = 0; h < Hp_; ++h) wey[i * Hp_ + h] = w * ey[i * Hp_ + h];
+    }
     T* pad = pad_.data();
-    std::fill(pad, pad + H_ * Wp_, T(0));
     if (Wp_ == 8) {
-      accumulate<8>(wts + s, e - s, pad);
+      accumulate<8>(n, pad);
     } else if (Wp_ == 16) {
-      accumulate<16>(wts + s, e - s, pad);
-    } else {
-      for (int64_t i = 0; i < e - s; ++i) {
+      accumulate<16>(n, pad);
+    } else {  // wide grids: each row is long enough to keep the vector units busy
+      std::fill(pad, pad + Hp_ * Wp_, T(0));
+      for (int64_t i = 0; i < n; ++i) {
         const T* exi = ex_.data() + i * Wp_;
-        const T* eyi = ey_.data() + i * Hp_;
         for (int64_t h = 0; h < H_; ++h) {
           T* row = pad + h * Wp_;
-          const T c = wts[s + i] * eyi[h];
+          const T c = wey[i * Hp_ + h];
 #pragma omp simd
           for (int64_t w = 0; w < Wp_; ++w) row[w] += c * exi[w];
         }
       }
     }
+    // The padding of pad is zero (EX and EY vanish at the padded centers), so ΣR is its sum: one
+    // vectorized reduction instead of a chain of scalar adds.
     T total = 0;
-    for (int64_t h = 0; h < H_; ++h) {
-      for (int64_t w = 0; w < W_; ++w) {
-        R[h * W_ + w] = pad[h * Wp_ + w];
-        total += pad[h * Wp_ + w];
-      }
-    }
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < Hp_ * Wp_; ++j) total += pad[j];
+    for (int64_t h = 0; h < H_; ++h) std::memcpy(R + h * W_, pad + h * Wp_, W_ * sizeof(T));
     return total;
   }
 
   // Given dL/dR[H*W] for the points [s, e) of the last render(), adds dL/dp_i and dL/dw_i into
-  // dpts / dwts (atomically). dR/dw_i = g_i, dR/dp_i = w_i g_i (c - p_i) / σ², g_i = EY[i] ⊗ EX[i].
+  // dpts / dwts (atomically). With g_i = EY[i] ⊗ EX[i]: dR/dw_i = g_i and
+  // dR/dp_i = w_i g_i (c - p_i) / σ², so dL/dw_i = EY[i]·u_i, dL/dx_i = w_i/σ² EY[i]·v_i and
+  // dL/dy_i = w_i/σ² ((cy - y_i) ∘ EY[i])·u_i, where u_i = dR·EX[i] and v_i = dR·((cx - x_i) ∘ EX[i])
+  // are columns over the grid rows (vectors of Hp lanes).
   void render_backward(const T* pts, const T* wts, int64_t s, int64_t e, const T* dR, T* dpts,
-                       T* dwts) const {
-    for (int64_t i = s; i < e; ++i) {
-      const T* exi = ex_.data() + (i - s) * Wp_;
-      const T* eyi = ey_.data() + (i - s) * Hp_;
-      const T px = pts[2 * i], py = pts[2 * i + 1];
-      T gw = 0, gx = 0, gy = 0;  // Σ dR·g_i and its x and y moments
-      for (int64_t h = 0; h < H_; ++h) {
-        const T* row = dR + h * W_;
-        T r = 0, rx = 0;
+                       T* dwts) {
+    T* dRT = drt_.data();  // dRᵀ, rows padded to Hp lanes with zeros
+    std::fill(dRT, dRT + W_ * Hp_, T(0));
+    for (int64_t h = 0; h < H_; ++h) {
+      for (int64_t w = 0; w < W_; ++w) dRT[w * Hp_ + h] = dR[h * W_ + w];
+    }
+    if (Hp_ == 8) {
+      point_gradients<8>(pts, wts, s, e, dpts, dwts);
+    } else if (Hp_ == 16) {
+      point_gradients<16>(pts, wts, s, e, dpts, dwts);
+    } else {
+      T* u = uv_.data();
+      T* v = u + Hp_;
+      for (int64_t i = s; i < e; ++i) {
+        const T* exi = ex_.data() + (i - s) * Wp_;
+        const T px = pts[2 * i];
+        std::fill(u, u + 2 * Hp_, T(0));
         for (int64_t w = 0; w < W_; ++w) {
-          const T v = row[w] * exi[w];
-          r += v;
-          rx += v * (cx_[w] - px);
+          const T a = exi[w], b = exi[w] * (cx_[w] - px);
+          const T* col = dRT + w * Hp_;
+#pragma omp simd
+          for (int64_t h = 0; h < Hp_; ++h) {
+            u[h] += a * col[h];
+            v[h] += b * col[h];
+          }
         }
-        gw += eyi[h] * r;
-        gx += eyi[h] * rx;
-        gy += eyi[h] * (cy_[h] - py) * r;
+        add_point_gradient(pts, wts, i, ey_.data() + (i - s) * Hp_, u, v, dpts, dwts);
       }
-      atomic_add(dwts + i, gw);
-      atomic_add(dpts + 2 * i, wts[i] * inv_s2_ * gx);
-      atomic_add(dpts + 2 * i + 1, wts[i] * inv_s2_ * gy);
     }
   }
 
  private:
   static int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
 
-  // pad[h, :] += w_i EY[i, h] EX[i, :] with rows of a fixed width WP (up to 16 columns, i.e. the
-  // usual grids) held as one vector each: no per-row loop overhead.
+  // pad = Σ_i WEY[i, :] ⊗ EX[i, :] for rows of a fixed width WP (8 or 16 columns: the usual
+  // grids), eight rows at a time held in registers. (Accumulating into memory row by row instead
+  // chains every point's update of a row through a store and a load: about 8x slower.)
   template <int WP>
-  void accumulate(const T* w, int64_t n, T* pad) const {
+  void accumulate(int64_t n, T* pad) const {
     using Row = typename VectorOf<T, WP>::type;
-    for (int64_t i = 0; i < n; ++i) {
-      Row x;
-      std::memcpy(&x, ex_.data() + i * WP, sizeof(Row));
-      const T* eyi = ey_.data() + i * Hp_;
-      for (int64_t h = 0; h < H_; ++h) {
-        Row r;
-        std::memcpy(&r, pad + h * WP, sizeof(Row));
-        r += (w[i] * eyi[h]) * x;
-        std::memcpy(pad + h * WP, &r, sizeof(Row));
+    constexpr int kRows = 8;  // Hp_ is a multiple of 8
+    for (int64_t h0 = 0; h0 < Hp_; h0 += kRows) {
+      Row acc[kRows];
+      for (int j = 0; j < kRows; ++j) acc[j] = Row{};
+      for (int64_t i = 0; i < n; ++i) {
+        Row x;
+        std::memcpy(&x, ex_.data() + i * WP, sizeof(Row));
+        const T* c = wey_.data() + i * Hp_ + h0;
+        for (int j = 0; j < kRows; ++j) acc[j] += c[j] * x;
       }
+      for (int j = 0; j < kRows; ++j) std::memcpy(pad + (h0 + j) * WP, &acc[j], sizeof(Row));
     }
+  }
+
+  // render_backward's columns u_i and v_i as single vectors of HP lanes (grids of up to 16 rows):
+  // short loops of a length known only at run time cost more in overhead than in arithmetic.
+  template <int HP>
+  void point_gradients(const T* pts, const T* wts, int64_t s, int64_t e, T* dpts, T* dwts) {
+    using Col = typename VectorOf<T, HP>::type;
+    const T* dRT = drt_.data();
+    T* uv = uv_.data();
+    for (int64_t i = s; i < e; ++i) {
+      const T* exi = ex_.data() + (i - s) * Wp_;
+      const T px = pts[2 * i];
+      Col u{}, v{};
+      for (int64_t w = 0; w < W_; ++w) {
+        Col col;
+        std::memcpy(&col, dRT + w * HP, sizeof(Col));
+        u += exi[w] * col;
+        v += (exi[w] * (cx_[w] - px)) * col;
+      }
+      std::memcpy(uv, &u, sizeof(Col));
+      std::memcpy(uv + HP, &v, sizeof(Col));
+      add_point_gradient(pts, wts, i, ey_.data() + (i - s) * HP, uv, uv + HP, dpts, dwts);
+    }
+  }
+
+  // dL/dw_i = EY[i]·u, dL/dx_i = w_i/σ² EY[i]·v, dL/dy_i = w_i/σ² ((cy - y_i) ∘ EY[i])·u, added
+  // atomically.
+  void add_point_gradient(const T* pts, const T* wts, int64_t i, const T* eyi, const T* u,
+                          const T* v, T* dpts, T* dwts) const {
+    const T py = pts[2 * i + 1];
+    T gw = 0, gx = 0, gy = 0;
+#pragma omp simd reduction(+ : gw, gx, gy)
+    for (int64_t h = 0; h < Hp_; ++h) {
+      gw += eyi[h] * u[h];
+      gx += eyi[h] * v[h];
+      gy += eyi[h] * (cy0_[h] - py) * u[h];
+    }
+    atomic_add(dwts + i, gw);
+    atomic_add(dpts + 2 * i, wts[i] * inv_s2_ * gx);
+    atomic_add(dpts + 2 * i + 1, wts[i] * inv_s2_ * gy);
   }
 
   // Cell centers (i + 0.5) / n, padded to np entries with +inf, whose factor is exp(-inf) = 0.
@@ -201,6 +262,7 @@ class TraceRenderer {
     if (static_cast<int64_t>(ex_.size()) < n * Wp_) {
       ex_.resize(n * Wp_);
       ey_.resize(n * Hp_);
+      wey_.resize(n * Hp_);
     }
     T* ex = ex_.data();
     T* ey = ey_.data();
@@ -221,7 +283,9 @@ class TraceRenderer {
 
   int64_t H_, W_, Hp_, Wp_;
   T a_, inv_s2_;
-  std::vector<T> cx_, cy_, pad_, ex_, ey_;
+  std::vector<T> cx_, cy_, cy0_;  // cell centers: padded with +inf (cy_, cx_) or 0 (cy0_)
+  std::vector<T> pad_, drt_, uv_;  // scratch: rendered rows, dRᵀ, the columns u and v
+  std::vector<T> ex_, ey_, wey_;  // per point: EX, EY and w·EY
 };
 
 // [start, end) of token `tok`; an inverted range is empty.

@@ -1,11 +1,13 @@
-// loctex::trace_attention_loss on CPU (DESIGN §3), with its gradients computed in the same pass.
+// loctex::trace_attention_loss on CPU (DESIGN §3), with the gradient of its logits computed in the
+// same pass.
 //
-// The loss is a scalar, so its gradients for a unit upstream gradient are computed in the forward
-// when asked for, and the backward only scales them (kernels/cpp.py), as fused linear
-// cross-entropy kernels do: nothing is rendered or multiplied twice, and nothing of size
-// [B, L, H*W] outlives the call. One fused pass over the tokens (in parallel) renders each target,
-// takes the log-sum-exp of z = scale·q·k over the grid, the loss and dL/dz (written over z); the
-// contractions q·kᵀ, dz·k and dzᵀ·q run as batched GEMMs (at::bmm).
+// The loss is a scalar, so dL/d(q·kᵀ) for a unit upstream gradient is computed in the forward when
+// asked for, as fused linear cross-entropy kernels do: nothing is rendered or exponentiated twice.
+// One fused pass over the tokens (in parallel) renders each target, takes the log-sum-exp of
+// z = scale·q·kᵀ over the grid, the loss and dL/dz, written over the logits. The contraction q·kᵀ
+// runs as one batched GEMM (at::bmm); the backward (kernels/cpp.py) scales dL/d(q·kᵀ) by the
+// upstream gradient and contracts it with k and q — two more GEMMs — so the large gradients are
+// written once, already scaled. dL/dpoints and dL/dweights are computed here as well.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -73,16 +75,42 @@ T token_loss(LossType lt, int64_t N, const T* R, T S, T* z, const T* e, T se, T 
   if (G != nullptr) {
     // G = dℓ/dP; with P = R/S, dℓ/dR_n = (G_n − Σ_m G_m P_m) / S (written over G).
     T GP = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      const T P = R[n] / S, A = e[n] * inv_se, log_A = z[n] - lse;
-      switch (lt) {
-        case LossType::kKL: G[n] = (P > 0 ? std::log(P) + 1 : T(0)) - log_A; break;
-        case LossType::kCE: G[n] = -log_A; break;
-        case LossType::kL1: G[n] = -sign(A - P); break;
-        case LossType::kMSE: G[n] = -2 * (A - P); break;
-      }
-      GP += G[n] * P;
+    switch (lt) {
+      case LossType::kKL:
+#pragma omp simd reduction(+ : GP)
+        for (int64_t n = 0; n < N; ++n) {
+          const T P = R[n] * inv_S;
+          // (log P + 1)·[P > 0], as arithmetic: a branch stops the vectorization
+          const T log_P1 = log_positive(P + std::numeric_limits<T>::min()) + 1;
+          G[n] = (P > 0 ? T(1) : T(0)) * log_P1 - (z[n] - lse);
+          GP += G[n] * P;
+        }
+        break;
+      case LossType::kCE:
+#pragma omp simd reduction(+ : GP)
+        for (int64_t n = 0; n < N; ++n) {
+          G[n] = lse - z[n];
+          GP += G[n] * R[n] * inv_S;
+        }
+        break;
+      case LossType::kL1:
+#pragma omp simd reduction(+ : GP)
+        for (int64_t n = 0; n < N; ++n) {
+          const T P = R[n] * inv_S;
+          G[n] = -sign(e[n] * inv_se - P);
+          GP += G[n] * P;
+        }
+        break;
+      case LossType::kMSE:
+#pragma omp simd reduction(+ : GP)
+        for (int64_t n = 0; n < N; ++n) {
+          const T P = R[n] * inv_S;
+          G[n] = -2 * (e[n] * inv_se - P);
+          GP += G[n] * P;
+        }
+        break;
     }
+#pragma omp simd
     for (int64_t n = 0; n < N; ++n) G[n] = (G[n] - GP) * inv_S;
   }
   if (grad_z) {
@@ -113,7 +141,7 @@ T token_loss(LossType lt, int64_t N, const T* R, T S, T* z, const T* e, T se, T 
 }
 
 // The fused pass over the tokens: fills the per-token losses and valid flags, overwrites Z
-// (q·kᵀ) with dL/d(q·kᵀ) when grad_z, adds dL/dpoints, dL/dweights when those are defined — all
+// (q·kᵀ) with dL/d(q·kᵀ) when grad_z (zeros for tokens that are not targets), adds dL/dpoints, dL/dweights when those are defined — all
 // for the sum over tokens; the caller divides by the number of valid targets.
 template <typename T>
 void fused_tokens(LossType lt, int64_t BL, int64_t grid_h, int64_t grid_w, double sigma,
@@ -140,6 +168,7 @@ void fused_tokens(LossType lt, int64_t BL, int64_t grid_h, int64_t grid_w, doubl
       }
       valid[tok] = 1;
       T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
       for (int64_t n = 0; n < N; ++n) {
         z[n] *= sc;
         mx = std::max(mx, z[n]);
@@ -157,14 +186,13 @@ void fused_tokens(LossType lt, int64_t BL, int64_t grid_h, int64_t grid_w, doubl
   });
 }
 
-using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Outputs trace_attention_loss_cpu(const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& points_xy, const at::Tensor& point_weights,
                                  const at::Tensor& token_ranges, const at::Tensor& loc_mask,
                                  int64_t grid_h, int64_t grid_w, double sigma, double scale,
-                                 c10::string_view loss_type, bool grad_q, bool grad_k,
-                                 bool grad_points) {
+                                 c10::string_view loss_type, bool grad_logits, bool grad_points) {
   const LossType lt = parse_loss_type(loss_type);
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "q must be [B, L, D] and k [B, H*W, D]; got ",
               q.sizes(), " and ", k.sizes());
@@ -186,10 +214,9 @@ Outputs trace_attention_loss_cpu(const at::Tensor& q, const at::Tensor& k,
 
   const at::Tensor ranges = checked_ranges(token_ranges, points_xy.size(0));
   const auto acc = acc_type({q, k, points_xy, point_weights});
-  const at::Tensor qf = q.to(acc).contiguous(), kf = k.to(acc).contiguous();
+  const at::Tensor qf = q.to(acc), kf = k.to(acc);
   const at::Tensor pts = points_xy.to(acc).contiguous(), wts = point_weights.to(acc).contiguous();
   const at::Tensor mask = loc_mask.to(at::kBool).contiguous();
-  const bool grad_z = grad_q || grad_k;
   at::Tensor Z = at::bmm(qf, kf.transpose(1, 2)).contiguous();  // q·kᵀ, then dL/d(q·kᵀ)
   at::Tensor per_token = at::zeros({B * L}, qf.options());
   at::Tensor dpts = grad_points ? at::zeros_like(pts) : at::empty({0}, pts.options());
@@ -203,7 +230,7 @@ Outputs trace_attention_loss_cpu(const at::Tensor& q, const at::Tensor& k,
   AT_DISPATCH_FLOATING_TYPES(acc, "trace_attention_loss_cpu", [&] {
     scalar_t* loss_p = per_token.data_ptr<scalar_t>();
     fused_tokens<scalar_t>(lt, B * L, grid_h, grid_w, sigma, scale, pts, wts, rng, mask_p, Z,
-                           loss_p, valid.data(), grad_z,
+                           loss_p, valid.data(), grad_logits,
                            grad_points ? dpts.data_ptr<scalar_t>() : nullptr,
                            grad_points ? dwts.data_ptr<scalar_t>() : nullptr);
     // Mean over valid targets, summed in order (deterministic).
@@ -218,14 +245,16 @@ Outputs trace_attention_loss_cpu(const at::Tensor& q, const at::Tensor& k,
     inv_n = 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1));
     loss = at::scalar_tensor(sum * inv_n, qf.options());
   });
-  if (grad_z) Z.mul_(inv_n);  // dL/d(q·kᵀ) of the mean
-  at::Tensor dq = grad_q ? at::bmm(Z, kf) : at::empty({0}, qf.options());
-  at::Tensor dk = grad_k ? at::bmm(Z.transpose(1, 2), qf) : at::empty({0}, kf.options());
+  if (grad_logits) {
+    Z.mul_(inv_n);  // dL/d(q·kᵀ) of the mean
+  } else {
+    Z = at::empty({0}, qf.options());
+  }
   if (grad_points) {
     dpts.mul_(inv_n);
     dwts.mul_(inv_n);
   }
-  return {loss, dq, dk, dpts, dwts};
+  return {loss, Z, dpts, dwts};
 }
 
 }  // namespace
