@@ -268,17 +268,36 @@ class TraceRenderer {
     T* ey = ey_.data();
     const T* cx = cx_.data();
     const T* cy = cy_.data();
-    for (int64_t i = 0; i < n; ++i) {
-      const T px = pts[2 * (s + i)], py = pts[2 * (s + i) + 1];
-#pragma omp simd
-      for (int64_t w = 0; w < Wp_; ++w) ex[i * Wp_ + w] = a_ * (px - cx[w]) * (px - cx[w]);
-#pragma omp simd
-      for (int64_t h = 0; h < Hp_; ++h) ey[i * Hp_ + h] = a_ * (py - cy[h]) * (py - cy[h]);
-    }
+    exponents(pts + 2 * s, n, Wp_, cx, ex);
+    exponents(pts + 2 * s + 1, n, Hp_, cy, ey);
 #pragma omp simd
     for (int64_t j = 0; j < n * Wp_; ++j) ex[j] = exp_nonpositive(ex[j]);
 #pragma omp simd
     for (int64_t j = 0; j < n * Hp_; ++j) ey[j] = exp_nonpositive(ey[j]);
+  }
+
+  // out[i, :] = a (v_i - c)² for the n coordinates v_i = v[2 i] (x or y of the points), rows of
+  // np = 8 or 16 entries as single vectors (short run-time-length loops cost more than their
+  // arithmetic), any other multiple of 8 by a loop.
+  void exponents(const T* v, int64_t n, int64_t np, const T* c, T* out) const {
+    if (np == 8) return exponent_rows<8>(v, n, c, out);
+    if (np == 16) return exponent_rows<16>(v, n, c, out);
+    for (int64_t i = 0; i < n; ++i) {
+      const T vi = v[2 * i];
+#pragma omp simd
+      for (int64_t j = 0; j < np; ++j) out[i * np + j] = a_ * (vi - c[j]) * (vi - c[j]);
+    }
+  }
+  template <int NP>
+  void exponent_rows(const T* v, int64_t n, const T* c, T* out) const {
+    using Row = typename VectorOf<T, NP>::type;
+    Row cr;
+    std::memcpy(&cr, c, sizeof(Row));
+    for (int64_t i = 0; i < n; ++i) {
+      const Row d = v[2 * i] - cr;
+      const Row r = a_ * d * d;
+      std::memcpy(out + i * NP, &r, sizeof(Row));
+    }
   }
 
   int64_t H_, W_, Hp_, Wp_;

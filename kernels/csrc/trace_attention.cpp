@@ -140,9 +140,31 @@ T token_loss(LossType lt, int64_t N, const T* R, T S, T* z, const T* e, T se, T 
   return loss;
 }
 
+// Scales one token's logits in place (z = scale·q·kᵀ), writes e = exp(z − max z) and returns
+// (max z, Σ e). Its own function with restrict pointers and the scale by value: inside the token
+// loop's lambda the scale was captured by reference, reloaded after every store to z, and the loop
+// was not vectorized.
+template <typename T>
+inline std::pair<T, T> scaled_softmax_stats(int64_t N, T scale, T* __restrict z, T* __restrict e) {
+  T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t n = 0; n < N; ++n) {
+    z[n] *= scale;
+    mx = std::max(mx, z[n]);
+  }
+  T se = 0;
+#pragma omp simd reduction(+ : se)
+  for (int64_t n = 0; n < N; ++n) {
+    e[n] = exp_nonpositive(z[n] - mx);
+    se += e[n];
+  }
+  return {mx, se};
+}
+
 // The fused pass over the tokens: fills the per-token losses and valid flags, overwrites Z
-// (q·kᵀ) with dL/d(q·kᵀ) when grad_z (zeros for tokens that are not targets), adds dL/dpoints, dL/dweights when those are defined — all
-// for the sum over tokens; the caller divides by the number of valid targets.
+// (q·kᵀ) with dL/d(q·kᵀ) when grad_z (zeros for tokens that are not targets), adds dL/dpoints,
+// dL/dweights when those are defined — all for the sum over tokens; the caller divides by the
+// number of valid targets.
 template <typename T>
 void fused_tokens(LossType lt, int64_t BL, int64_t grid_h, int64_t grid_w, double sigma,
                   double scale, const at::Tensor& pts, const at::Tensor& wts,
@@ -167,18 +189,7 @@ void fused_tokens(LossType lt, int64_t BL, int64_t grid_h, int64_t grid_w, doubl
         continue;
       }
       valid[tok] = 1;
-      T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-      for (int64_t n = 0; n < N; ++n) {
-        z[n] *= sc;
-        mx = std::max(mx, z[n]);
-      }
-      T se = 0;
-#pragma omp simd reduction(+ : se)
-      for (int64_t n = 0; n < N; ++n) {
-        ez[n] = exp_nonpositive(z[n] - mx);
-        se += ez[n];
-      }
+      const auto [mx, se] = scaled_softmax_stats(N, sc, z, ez.data());
       loss_p[tok] = token_loss(lt, N, R.data(), S, z, ez.data(), se, mx + std::log(se), sc, grad_z,
                                grad_points ? G.data() : nullptr);
       if (grad_points) renderer.render_backward(p, w, first, last, G.data(), dpts, dwts);
