@@ -1,4 +1,4 @@
-"""Kernel microbenchmarks: ``python -m loctex.kernels.bench [--device cpu|cuda] [--quick] [--out DIR]``.
+"""Kernel microbenchmarks: ``python -m loctex.kernels.bench [--device cpu|cuda] [--quick] [--threads N] [--out DIR]``.
 
 For each op (render_traces, trace_attention_loss, contrastive_loss) and provider (reference,
 triton, cpp) over paper-scale shapes: forward, backward and full-pass time (median and 20/80%
@@ -23,7 +23,9 @@ import math
 import os
 import platform
 import re
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -190,6 +192,23 @@ def _peak_mb(fn, leaves, device: str) -> float:
     return peak / 2**20
 
 
+def _steady_cpu_allocator() -> str:
+    """Keeps glibc from returning large freed buffers to the system (and mapping them afresh, page
+    faults included, at the next call), so that a CPU timing does not depend on which cases ran
+    before it in the process: the reference trace loss measured 15 ms or 46 ms per call on the same
+    machine depending on that alone. Tuned the way jemalloc/tcmalloc behave; returns a note for the
+    report ("" where there is no glibc)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20)
+    except (OSError, AttributeError):
+        return ""
+    return "glibc malloc: mmap threshold 32 MB, no trimming" if ok else ""
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() \
         or type(exc).__name__ == "OutOfMemoryError"
@@ -308,7 +327,9 @@ def device_info(device: str) -> tuple[str, str]:
             model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
     except OSError:
         pass
-    return f"CPU {cores} cores ({model}; torch threads {torch.get_num_threads()})", f"cpu-{cores}core"
+    threads = torch.get_num_threads()
+    slug = f"cpu-{cores}core" + ("" if threads == cores else f"-{threads}thread")
+    return f"CPU {cores} cores ({model}; torch threads {threads})", slug
 
 
 def _fmt(v) -> str:
@@ -329,6 +350,8 @@ def write_markdown(path, rows, meta, targets):
              f"`{meta['command']}` · load average at start {meta['load']}", "",
              "Times in ms: median [20%–80%]. Peak: extra memory of one forward+backward (MB). "
              "Speed-up and memory ratio are against the reference on the same shape.", ""]
+    if meta.get("allocator"):
+        lines += [f"Allocator: {meta['allocator']} (see `_steady_cpu_allocator`).", ""]
     if meta.get("matmul_tflops"):
         lines += [f"bf16 matmul rate (8192³, torch): **{meta['matmul_tflops']:.0f} TFLOP/s**", ""]
     lines += ["| kernel | shape | provider | fwd | bwd | fwd+bwd | peak MB | speed-up | memory ÷ | TFLOP/s | note |",
@@ -425,17 +448,20 @@ def _targets(rows, device) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 def run(device: str, quick: bool, out_dir: str, providers=("reference", "triton", "cpp"),
-        kernels=None, dtype: str = "auto", log=print) -> dict:
+        kernels=None, dtype: str = "auto", log=print, command: str | None = None) -> dict:
     import triton
     _pyplot()  # load matplotlib's libraries before any profiling (a late dlopen crashed once here)
     tdtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
               "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     name, slug = device_info(device)
+    allocator = _steady_cpu_allocator() if device == "cpu" else ""
     now = _dt.datetime.now()
     meta = {"device": name, "date": now.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "triton": triton.__version__, "dtype": str(tdtype).replace("torch.", ""),
-            "command": "python -m loctex.kernels.bench --device " + device + (" --quick" if quick else ""),
-            "load": " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"}
+            "command": command or ("python -m loctex.kernels.bench --device " + device
+                                   + (" --quick" if quick else "")),
+            "load": " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
+            "allocator": allocator}
     rows: list[dict] = []
 
     def add(case, provider, metric, value, note=""):
@@ -503,11 +529,17 @@ def main(argv=None):
                    "render_traces,trace_attention_loss,contrastive_loss")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="embeddings / q, k dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU: torch threads (default: torch's, one per core); other counts name the files")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
     run(args.device, args.quick, args.out, providers=tuple(args.providers.split(",")),
-        kernels=set(filter(None, args.kernels.split(","))), dtype=args.dtype)
+        kernels=set(filter(None, args.kernels.split(","))), dtype=args.dtype,
+        command=shlex.join(["python", "-m", "loctex.kernels.bench",
+                            *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":
