@@ -70,6 +70,21 @@ def test_render_matches_reference(provider, grid):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("grid", [(7, 7), (4, 20)])
+def test_render_infinite_points_contribute_nothing(provider, grid):
+    x = inputs(2, 3, grid, 4, ppt=6, outside=0.0, empty_fraction=0.0)
+    pts = x["points_xy"].clone()
+    for t, value in ((0, float("inf")), (1, -float("inf"))):  # one point of a token with others
+        s = int(x["token_ranges"].view(-1, 2)[t, 0])
+        pts[s, t % 2] = value
+    args = (pts, x["point_weights"], x["token_ranges"], grid, 0.1)
+    heat, valid = K.render_traces(*args, provider=provider)
+    heat_ref, valid_ref = reference.render_traces(pts.double(), x["point_weights"].double(), *args[2:])
+    assert torch.equal(valid, valid_ref) and bool(valid.view(-1)[:2].all())
+    torch.testing.assert_close(heat.double(), heat_ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_render_float64_inputs_give_float64(provider):
     x = inputs(1, 2, (2, 3), 4)
     heat, _ = K.render_traces(x["points_xy"].double(), x["point_weights"].double(),

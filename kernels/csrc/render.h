@@ -108,7 +108,7 @@ class TraceRenderer {
       : H_(H), W_(W), Hp_(pad8(H)), Wp_(pad8(W)), a_(static_cast<T>(-1.0 / (2.0 * sigma * sigma))),
         inv_s2_(static_cast<T>(1.0 / (sigma * sigma))), cx_(centers(W, Wp_)), cy_(centers(H, Hp_)),
         cy0_(cy_), pad_(Hp_ * Wp_), drt_(W * Hp_), uv_(2 * Hp_) {
-    std::replace(cy0_.begin(), cy0_.end(), std::numeric_limits<T>::infinity(), T(0));
+    std::fill(cy0_.begin() + H, cy0_.end(), T(0));
   }
 
   // Writes R[H*W] for points [s, e) and returns ΣR.
@@ -249,9 +249,11 @@ class TraceRenderer {
     atomic_add(dpts + 2 * i + 1, wts[i] * inv_s2_ * gy);
   }
 
-  // Cell centers (i + 0.5) / n, padded to np entries with +inf, whose factor is exp(-inf) = 0.
+  // Cell centers (i + 0.5) / n, padded to np entries with the largest finite value: (v - max)²
+  // overflows to +inf for every v but NaN, so the padded factors are exp(-inf) = 0 exactly, points
+  // at ±inf included (an infinite padding center would give inf - inf = NaN there).
   static std::vector<T> centers(int64_t n, int64_t np) {
-    std::vector<T> c(np, std::numeric_limits<T>::infinity());
+    std::vector<T> c(np, std::numeric_limits<T>::max());
     for (int64_t i = 0; i < n; ++i) c[i] = (static_cast<T>(i) + T(0.5)) / static_cast<T>(n);
     return c;
   }
@@ -302,7 +304,7 @@ class TraceRenderer {
 
   int64_t H_, W_, Hp_, Wp_;
   T a_, inv_s2_;
-  std::vector<T> cx_, cy_, cy0_;  // cell centers: padded with +inf (cy_, cx_) or 0 (cy0_)
+  std::vector<T> cx_, cy_, cy0_;  // cell centers: padded with max (cx_, cy_) or 0 (cy0_)
   std::vector<T> pad_, drt_, uv_;  // scratch: rendered rows, dRᵀ, the columns u and v
   std::vector<T> ex_, ey_, wey_;  // per point: EX, EY and w·EY
 };
