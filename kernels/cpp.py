@@ -3,8 +3,9 @@
 The build is a plain shared library of torch custom ops (namespace ``loctex``), named like the
 extension module ``loctex.kernels._C`` so that setuptools installs it; it has no Python bindings
 and is loaded with ``torch.ops.load_library``. This module adds what the dispatcher needs around
-the CPU kernels: fake (meta) implementations for ``torch.compile`` and autograd formulas, so the
-ops compose with both. Gradients flow to every floating input (q, k, points_xy, point_weights).
+the CPU kernels: fake (meta) implementations for ``torch.compile`` and the render op's autograd
+formula, so the ops compose with both (the loss's autograd is in C++, to keep its per-call overhead
+low). Gradients flow to every floating input (q, k, points_xy, point_weights).
 """
 from __future__ import annotations
 
@@ -88,42 +89,7 @@ def _register_python_parts() -> None:
     torch.library.register_autograd("loctex::render_traces", _render_backward,
                                     setup_context=_render_setup)
 
-    # trace_attention_loss returns dL/d(q·kᵀ) and the point gradients for a unit upstream
-    # gradient along with the loss (computed in the same pass). The backward scales dL/d(q·kᵀ)
-    # ([B, L, H*W], small) by the upstream gradient before the two GEMMs that give dq and dk, so
-    # those are written once, already scaled.
-    def _loss_setup(ctx, inputs, output):
-        ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: skip their zeros
-        q, k = inputs[:2]
-        ctx.computed = (inputs[11], inputs[11], inputs[12], inputs[12])
-        ctx.dtypes = [t.dtype for t in inputs[:4]]
-        ctx.save_for_backward(q, k, *output[1:])
-
-    def _loss_backward(ctx, grad_loss, *_unused):
-        if grad_loss is None:  # no gradient reached the loss
-            return (None,) * 13
-        names = ("q", "k", "points_xy", "point_weights")
-        need = ctx.needs_input_grad
-        for name, needed, computed in zip(names, need, ctx.computed):
-            if needed and not computed:
-                raise RuntimeError(f"loctex::trace_attention_loss was called without the gradient "
-                                   f"of {name}; pass its grad_* flag (trace_attention_loss_cpp does)")
-        q, k, grad_logits, grad_points, grad_weights = ctx.saved_tensors
-        dq = dk = d_points = d_weights = None
-        if need[0] or need[1]:
-            dz = grad_logits * grad_loss.to(grad_logits.dtype)
-            if need[0]:
-                dq = torch.bmm(dz, k.to(dz.dtype)).to(ctx.dtypes[0])
-            if need[1]:
-                dk = torch.bmm(dz.transpose(1, 2), q.to(dz.dtype)).to(ctx.dtypes[1])
-        if need[2]:
-            d_points = (grad_points * grad_loss).to(ctx.dtypes[2])
-        if need[3]:
-            d_weights = (grad_weights * grad_loss).to(ctx.dtypes[3])
-        return (dq, dk, d_points, d_weights) + (None,) * 9
-
-    torch.library.register_autograd("loctex::trace_attention_loss", _loss_backward,
-                                    setup_context=_loss_setup)
+    # trace_attention_loss's autograd is registered in C++ (kernels/csrc/trace_attention_autograd.cpp).
 
 
 def render_traces_cpp(points_xy, point_weights, token_ranges, grid_hw, sigma):
@@ -139,9 +105,9 @@ def trace_attention_loss_cpp(q, k, points_xy, point_weights, token_ranges, loc_m
     """Scalar localization loss (float32, or float64 for float64 inputs); see DESIGN §3."""
     if not _load():
         raise RuntimeError(f"the LocTex C++ ops are not available: {load_error()}")
-    grads = torch.is_grad_enabled()  # the op computes the gradients asked for in the same pass
+    # The op's autograd kernel asks for the gradients that the inputs need (computed in the same
+    # pass as the loss).
     loss, *_ = torch.ops.loctex.trace_attention_loss(
         q, k, points_xy, point_weights, token_ranges, loc_mask, int(grid_hw[0]), int(grid_hw[1]),
-        float(sigma), float(scale), str(loss_type), grads and (q.requires_grad or k.requires_grad),
-        grads and (points_xy.requires_grad or point_weights.requires_grad))
+        float(sigma), float(scale), str(loss_type), False, False)
     return loss
