@@ -69,7 +69,7 @@ def _register_python_parts() -> None:
         dtype = _acc_dtype(q, k, points_xy, point_weights)
         B, L = q.shape[:2]
         return (q.new_empty((), dtype=dtype),
-                q.new_empty((B, L, grid_h * grid_w) if grad_logits else (0,), dtype=dtype),
+                q.new_empty((B, grid_h * grid_w, L) if grad_logits else (0,), dtype=dtype),
                 points_xy.new_empty(points_xy.shape if grad_points else (0,), dtype=dtype),
                 point_weights.new_empty(point_weights.shape if grad_points else (0,), dtype=dtype))
 

@@ -11,9 +11,9 @@ TORCH_LIBRARY(loctex, m) {
   m.def("render_traces_backward(Tensor grad_heat, Tensor points_xy, Tensor point_weights, "
         "Tensor token_ranges, int grid_h, int grid_w, float sigma) "
         "-> (Tensor grad_points, Tensor grad_weights)");
-  // The loss and, when flagged, dL/d(q·kᵀ) [B, L, H*W] and dL/dpoints_xy, dL/dpoint_weights for a
+  // The loss and, when flagged, dL/d(q·kᵀ)ᵀ [B, H*W, L] and dL/dpoints_xy, dL/dpoint_weights for a
   // unit upstream gradient (computed in the same pass; the autograd kernel,
-  // trace_attention_autograd.cpp, sets the flags, scales them and contracts dL/d(q·kᵀ) with k and
+  // trace_attention_autograd.cpp, sets the flags, scales them and contracts dL/d(q·kᵀ)ᵀ with k and
   // q). Unflagged gradients are empty tensors.
   m.def("trace_attention_loss(Tensor q, Tensor k, Tensor points_xy, Tensor point_weights, "
         "Tensor token_ranges, Tensor loc_mask, int grid_h, int grid_w, float sigma, float scale, "

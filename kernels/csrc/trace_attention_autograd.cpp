@@ -1,6 +1,6 @@
 // Autograd for loctex::trace_attention_loss, in C++: the forward (trace_attention.cpp) returns
-// dL/d(q·kᵀ) and the point gradients for a unit upstream gradient, computed in the same pass; the
-// backward scales dL/d(q·kᵀ) ([B, L, H*W], small) by the upstream gradient and contracts it with k
+// dL/d(q·kᵀ)ᵀ and the point gradients for a unit upstream gradient, computed in the same pass; the
+// backward scales dL/d(q·kᵀ)ᵀ ([B, H*W, L], small) by the upstream gradient and contracts it with k
 // and q — two GEMMs — so dq and dk are written once, already scaled.
 //
 // It lives in C++ rather than in torch.library.register_autograd because the Python wrapper costs
@@ -73,11 +73,12 @@ class TraceAttentionLoss : public torch::autograd::Function<TraceAttentionLoss> 
                   " (its flag was false while gradients were disabled)");
     }
     if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+      // d_logits is dL/d(q·kᵀ)ᵀ [B, H*W, L]: dq = dzᵀ·k, dk = dz·q
       const at::Tensor dz = d_logits * grad_loss.to(d_logits.scalar_type());
-      if (ctx->needs_input_grad(0)) out[0] = at::bmm(dz, k.to(dz.scalar_type())).to(q.scalar_type());
-      if (ctx->needs_input_grad(1)) {
-        out[1] = at::bmm(dz.transpose(1, 2), q.to(dz.scalar_type())).to(k.scalar_type());
+      if (ctx->needs_input_grad(0)) {
+        out[0] = at::bmm(dz.transpose(1, 2), k.to(dz.scalar_type())).to(q.scalar_type());
       }
+      if (ctx->needs_input_grad(1)) out[1] = at::bmm(dz, q.to(dz.scalar_type())).to(k.scalar_type());
     }
     if (ctx->needs_input_grad(2)) {
       const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype_points"].toInt());
