@@ -39,13 +39,14 @@ std::tuple<at::Tensor, at::Tensor> render_traces_cpu(const at::Tensor& points_xy
     const scalar_t* p = pts.data_ptr<scalar_t>();
     const scalar_t* w = wts.data_ptr<scalar_t>();
     scalar_t* out = heat.data_ptr<scalar_t>();
+    const PointFactors<scalar_t> factors(p, w, pts.size(0), grid_h, grid_w, sigma);
     at::parallel_for(0, B * L, 16, [&](int64_t begin, int64_t end) {
-      TraceRenderer<scalar_t> renderer(grid_h, grid_w, sigma);
+      TraceRenderer<scalar_t> renderer(factors);
       for (int64_t tok = begin; tok < end; ++tok) {
         int64_t s, e;
         token_range(rng, tok, &s, &e);
         scalar_t* R = out + tok * N;
-        const scalar_t total = renderer.render(p, w, s, e, R);
+        const scalar_t total = renderer.render(s, e, R);
         const bool ok = total > static_cast<scalar_t>(kRenderEps);  // false for NaN too
         valid_p[tok] = ok;
         const scalar_t inv = ok ? scalar_t(1) / total : scalar_t(0);
@@ -74,13 +75,14 @@ std::tuple<at::Tensor, at::Tensor> render_traces_backward_cpu(
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* dp = dpts.data_ptr<scalar_t>();
     scalar_t* dw = dwts.data_ptr<scalar_t>();
+    const PointFactors<scalar_t> factors(p, w, pts.size(0), grid_h, grid_w, sigma);
     at::parallel_for(0, B * L, 16, [&](int64_t begin, int64_t end) {
-      TraceRenderer<scalar_t> renderer(grid_h, grid_w, sigma);
+      TraceRenderer<scalar_t> renderer(factors);
       std::vector<scalar_t> R(N), dR(N);
       for (int64_t tok = begin; tok < end; ++tok) {
         int64_t s, e;
         token_range(rng, tok, &s, &e);
-        const scalar_t total = renderer.render(p, w, s, e, R.data());
+        const scalar_t total = renderer.render(s, e, R.data());
         if (!(total > static_cast<scalar_t>(kRenderEps))) continue;  // output is a constant 0
         // P = R / ΣR  =>  dL/dR_n = (g_n - Σ_m g_m P_m) / ΣR
         const scalar_t* gt = gp + tok * N;
@@ -88,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> render_traces_backward_cpu(
         for (int64_t n = 0; n < N; ++n) gP += gt[n] * R[n];
         gP /= total;
         for (int64_t n = 0; n < N; ++n) dR[n] = (gt[n] - gP) / total;
-        renderer.render_backward(p, w, s, e, dR.data(), dp, dw);
+        renderer.render_backward(s, e, dR.data(), dp, dw);
       }
     });
   });

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -98,156 +99,51 @@ inline void atomic_add(T* addr, T value) {
                                       __ATOMIC_RELAXED));
 }
 
-// Renders one token at a time (one instance per thread). For the token's points it computes the
-// factors EX[i, :] = exp(-(x_i - cx)² / 2σ²) (rows zero-padded to Wp, a multiple of 8, so that row
-// updates vectorize) and EY[i, :] likewise along y, then R = Σ_i w_i EY[i, :] ⊗ EX[i, :].
+// The grid and the separable Gaussian factors of every point of a batch, computed once (points in
+// parallel) and shared by all the tokens whose range holds a point — padded time windows overlap,
+// so a point is rendered by about two tokens. For point i:
+//   EX[i, :] = exp(-(x_i - cx)² / 2σ²)  (Wp entries: W padded to a multiple of 8 with zeros),
+//   EY[i, :] = exp(-(y_i - cy)² / 2σ²)  (Hp entries), and WEY[i, :] = w_i EY[i, :].
 template <typename T>
-class TraceRenderer {
+class PointFactors {
  public:
-  TraceRenderer(int64_t H, int64_t W, double sigma)
-      : H_(H), W_(W), Hp_(pad8(H)), Wp_(pad8(W)), a_(static_cast<T>(-1.0 / (2.0 * sigma * sigma))),
-        inv_s2_(static_cast<T>(1.0 / (sigma * sigma))), cx_(centers(W, Wp_)), cy_(centers(H, Hp_)),
-        cy0_(cy_), pad_(Hp_ * Wp_), drt_(W * Hp_), uv_(2 * Hp_) {
-    std::fill(cy0_.begin() + H, cy0_.end(), T(0));
-  }
-
-  // Writes R[H*W] for points [s, e) and returns ΣR.
-  T render(const T* pts, const T* wts, int64_t s, int64_t e, T* R) {
-    const int64_t n = e - s;
-    factors(pts, s, e);
-    // WEY[i, :] = w_i EY[i, :]: the row weights of the rank-n update below
-    T* wey = wey_.data();
-    const T* ey = ey_.data();
-    for (int64_t i = 0; i < n; ++i) {
-      const T w = wts[s + i];
+  PointFactors(const T* pts, const T* wts, int64_t num_points, int64_t H, int64_t W, double sigma)
+      : H(H), W(W), Hp(pad8(H)), Wp(pad8(W)), pts(pts), wts(wts),
+        inv_s2(static_cast<T>(1.0 / (sigma * sigma))), cx(centers(W, Wp)), cy(centers(H, Hp)),
+        cy0(cy), ex_(num_points * Wp), ey_(num_points * Hp), wey_(num_points * Hp) {
+    std::fill(cy0.begin() + H, cy0.end(), T(0));
+    const T a = static_cast<T>(-1.0 / (2.0 * sigma * sigma));
+    at::parallel_for(0, num_points, 2048, [&](int64_t begin, int64_t end) {
+      const int64_t n = end - begin;
+      T* ex = ex_.data() + begin * Wp;
+      T* ey = ey_.data() + begin * Hp;
+      exponents(a, pts + 2 * begin, n, Wp, cx.data(), ex);
+      exponents(a, pts + 2 * begin + 1, n, Hp, cy.data(), ey);
 #pragma omp simd
-      for (int64_t h = 0; h < Hp_; ++h) wey[i * Hp_ + h] = w * ey[i * Hp_ + h];
-    }
-    T* pad = pad_.data();
-    if (Wp_ == 8) {
-      accumulate<8>(n, pad);
-    } else if (Wp_ == 16) {
-      accumulate<16>(n, pad);
-    } else {  // wide grids: each row is long enough to keep the vector units busy
-      std::fill(pad, pad + Hp_ * Wp_, T(0));
+      for (int64_t j = 0; j < n * Wp; ++j) ex[j] = exp_nonpositive(ex[j]);
+#pragma omp simd
+      for (int64_t j = 0; j < n * Hp; ++j) ey[j] = exp_nonpositive(ey[j]);
+      T* wey = wey_.data() + begin * Hp;
       for (int64_t i = 0; i < n; ++i) {
-        const T* exi = ex_.data() + i * Wp_;
-        for (int64_t h = 0; h < H_; ++h) {
-          T* row = pad + h * Wp_;
-          const T c = wey[i * Hp_ + h];
+        const T w = wts[begin + i];
 #pragma omp simd
-          for (int64_t w = 0; w < Wp_; ++w) row[w] += c * exi[w];
-        }
+        for (int64_t h = 0; h < Hp; ++h) wey[i * Hp + h] = w * ey[i * Hp + h];
       }
-    }
-    // The padding of pad is zero (EX and EY vanish at the padded centers), so ΣR is its sum: one
-    // vectorized reduction instead of a chain of scalar adds.
-    T total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < Hp_ * Wp_; ++j) total += pad[j];
-    for (int64_t h = 0; h < H_; ++h) std::memcpy(R + h * W_, pad + h * Wp_, W_ * sizeof(T));
-    return total;
+    });
   }
 
-  // Given dL/dR[H*W] for the points [s, e) of the last render(), adds dL/dp_i and dL/dw_i into
-  // dpts / dwts (atomically). With g_i = EY[i] ⊗ EX[i]: dR/dw_i = g_i and
-  // dR/dp_i = w_i g_i (c - p_i) / σ², so dL/dw_i = EY[i]·u_i, dL/dx_i = w_i/σ² EY[i]·v_i and
-  // dL/dy_i = w_i/σ² ((cy - y_i) ∘ EY[i])·u_i, where u_i = dR·EX[i] and v_i = dR·((cx - x_i) ∘ EX[i])
-  // are columns over the grid rows (vectors of Hp lanes).
-  void render_backward(const T* pts, const T* wts, int64_t s, int64_t e, const T* dR, T* dpts,
-                       T* dwts) {
-    T* dRT = drt_.data();  // dRᵀ, rows padded to Hp lanes with zeros
-    std::fill(dRT, dRT + W_ * Hp_, T(0));
-    for (int64_t h = 0; h < H_; ++h) {
-      for (int64_t w = 0; w < W_; ++w) dRT[w * Hp_ + h] = dR[h * W_ + w];
-    }
-    if (Hp_ == 8) {
-      point_gradients<8>(pts, wts, s, e, dpts, dwts);
-    } else if (Hp_ == 16) {
-      point_gradients<16>(pts, wts, s, e, dpts, dwts);
-    } else {
-      T* u = uv_.data();
-      T* v = u + Hp_;
-      for (int64_t i = s; i < e; ++i) {
-        const T* exi = ex_.data() + (i - s) * Wp_;
-        const T px = pts[2 * i];
-        std::fill(u, u + 2 * Hp_, T(0));
-        for (int64_t w = 0; w < W_; ++w) {
-          const T a = exi[w], b = exi[w] * (cx_[w] - px);
-          const T* col = dRT + w * Hp_;
-#pragma omp simd
-          for (int64_t h = 0; h < Hp_; ++h) {
-            u[h] += a * col[h];
-            v[h] += b * col[h];
-          }
-        }
-        add_point_gradient(pts, wts, i, ey_.data() + (i - s) * Hp_, u, v, dpts, dwts);
-      }
-    }
-  }
+  const T* ex(int64_t i) const { return ex_.data() + i * Wp; }
+  const T* ey(int64_t i) const { return ey_.data() + i * Hp; }
+  const T* wey(int64_t i) const { return wey_.data() + i * Hp; }
+
+  const int64_t H, W, Hp, Wp;
+  const T* const pts;  // [P, 2]
+  const T* const wts;  // [P]
+  const T inv_s2;
+  std::vector<T> cx, cy, cy0;  // cell centers: padded with max (cx, cy) or 0 (cy0)
 
  private:
   static int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
-
-  // pad = Σ_i WEY[i, :] ⊗ EX[i, :] for rows of a fixed width WP (8 or 16 columns: the usual
-  // grids), eight rows at a time held in registers. (Accumulating into memory row by row instead
-  // chains every point's update of a row through a store and a load: about 8x slower.)
-  template <int WP>
-  void accumulate(int64_t n, T* pad) const {
-    using Row = typename VectorOf<T, WP>::type;
-    constexpr int kRows = 8;  // Hp_ is a multiple of 8
-    for (int64_t h0 = 0; h0 < Hp_; h0 += kRows) {
-      Row acc[kRows];
-      for (int j = 0; j < kRows; ++j) acc[j] = Row{};
-      for (int64_t i = 0; i < n; ++i) {
-        Row x;
-        std::memcpy(&x, ex_.data() + i * WP, sizeof(Row));
-        const T* c = wey_.data() + i * Hp_ + h0;
-        for (int j = 0; j < kRows; ++j) acc[j] += c[j] * x;
-      }
-      for (int j = 0; j < kRows; ++j) std::memcpy(pad + (h0 + j) * WP, &acc[j], sizeof(Row));
-    }
-  }
-
-  // render_backward's columns u_i and v_i as single vectors of HP lanes (grids of up to 16 rows):
-  // short loops of a length known only at run time cost more in overhead than in arithmetic.
-  template <int HP>
-  void point_gradients(const T* pts, const T* wts, int64_t s, int64_t e, T* dpts, T* dwts) {
-    using Col = typename VectorOf<T, HP>::type;
-    const T* dRT = drt_.data();
-    T* uv = uv_.data();
-    for (int64_t i = s; i < e; ++i) {
-      const T* exi = ex_.data() + (i - s) * Wp_;
-      const T px = pts[2 * i];
-      Col u{}, v{};
-      for (int64_t w = 0; w < W_; ++w) {
-        Col col;
-        std::memcpy(&col, dRT + w * HP, sizeof(Col));
-        u += exi[w] * col;
-        v += (exi[w] * (cx_[w] - px)) * col;
-      }
-      std::memcpy(uv, &u, sizeof(Col));
-      std::memcpy(uv + HP, &v, sizeof(Col));
-      add_point_gradient(pts, wts, i, ey_.data() + (i - s) * HP, uv, uv + HP, dpts, dwts);
-    }
-  }
-
-  // dL/dw_i = EY[i]·u, dL/dx_i = w_i/σ² EY[i]·v, dL/dy_i = w_i/σ² ((cy - y_i) ∘ EY[i])·u, added
-  // atomically.
-  void add_point_gradient(const T* pts, const T* wts, int64_t i, const T* eyi, const T* u,
-                          const T* v, T* dpts, T* dwts) const {
-    const T py = pts[2 * i + 1];
-    T gw = 0, gx = 0, gy = 0;
-#pragma omp simd reduction(+ : gw, gx, gy)
-    for (int64_t h = 0; h < Hp_; ++h) {
-      gw += eyi[h] * u[h];
-      gx += eyi[h] * v[h];
-      gy += eyi[h] * (cy0_[h] - py) * u[h];
-    }
-    atomic_add(dwts + i, gw);
-    atomic_add(dpts + 2 * i, wts[i] * inv_s2_ * gx);
-    atomic_add(dpts + 2 * i + 1, wts[i] * inv_s2_ * gy);
-  }
 
   // Cell centers (i + 0.5) / n, padded to np entries with the largest finite value: (v - max)²
   // overflows to +inf for every v but NaN, so the padded factors are exp(-inf) = 0 exactly, points
@@ -258,55 +154,172 @@ class TraceRenderer {
     return c;
   }
 
-  // EX[i, :] = exp(a (x_i - cx)²) and EY[i, :] = exp(a (y_i - cy)²) for the points [s, e).
-  void factors(const T* pts, int64_t s, int64_t e) {
-    const int64_t n = e - s;
-    if (static_cast<int64_t>(ex_.size()) < n * Wp_) {
-      ex_.resize(n * Wp_);
-      ey_.resize(n * Hp_);
-      wey_.resize(n * Hp_);
-    }
-    T* ex = ex_.data();
-    T* ey = ey_.data();
-    const T* cx = cx_.data();
-    const T* cy = cy_.data();
-    exponents(pts + 2 * s, n, Wp_, cx, ex);
-    exponents(pts + 2 * s + 1, n, Hp_, cy, ey);
-#pragma omp simd
-    for (int64_t j = 0; j < n * Wp_; ++j) ex[j] = exp_nonpositive(ex[j]);
-#pragma omp simd
-    for (int64_t j = 0; j < n * Hp_; ++j) ey[j] = exp_nonpositive(ey[j]);
-  }
-
   // out[i, :] = a (v_i - c)² for the n coordinates v_i = v[2 i] (x or y of the points), rows of
   // np = 8 or 16 entries as single vectors (short run-time-length loops cost more than their
   // arithmetic), any other multiple of 8 by a loop.
-  void exponents(const T* v, int64_t n, int64_t np, const T* c, T* out) const {
-    if (np == 8) return exponent_rows<8>(v, n, c, out);
-    if (np == 16) return exponent_rows<16>(v, n, c, out);
+  static void exponents(T a, const T* v, int64_t n, int64_t np, const T* c, T* out) {
+    if (np == 8) return exponent_rows<8>(a, v, n, c, out);
+    if (np == 16) return exponent_rows<16>(a, v, n, c, out);
     for (int64_t i = 0; i < n; ++i) {
       const T vi = v[2 * i];
 #pragma omp simd
-      for (int64_t j = 0; j < np; ++j) out[i * np + j] = a_ * (vi - c[j]) * (vi - c[j]);
+      for (int64_t j = 0; j < np; ++j) out[i * np + j] = a * (vi - c[j]) * (vi - c[j]);
     }
   }
   template <int NP>
-  void exponent_rows(const T* v, int64_t n, const T* c, T* out) const {
+  static void exponent_rows(T a, const T* v, int64_t n, const T* c, T* out) {
     using Row = typename VectorOf<T, NP>::type;
     Row cr;
     std::memcpy(&cr, c, sizeof(Row));
     for (int64_t i = 0; i < n; ++i) {
       const Row d = v[2 * i] - cr;
-      const Row r = a_ * d * d;
+      const Row r = a * d * d;
       std::memcpy(out + i * NP, &r, sizeof(Row));
     }
   }
 
-  int64_t H_, W_, Hp_, Wp_;
-  T a_, inv_s2_;
-  std::vector<T> cx_, cy_, cy0_;  // cell centers: padded with max (cx_, cy_) or 0 (cy0_)
+  std::vector<T> ex_, ey_, wey_;
+};
+
+// Renders one token at a time from the batch's PointFactors (one instance per thread, for its
+// scratch): R = Σ_i WEY[i, :] ⊗ EX[i, :] over the token's points.
+template <typename T>
+class TraceRenderer {
+ public:
+  explicit TraceRenderer(const PointFactors<T>& f)
+      : f_(f), pad_(f.Hp * f.Wp), drt_(f.W * f.Hp), uv_(2 * f.Hp) {}
+
+  // Writes R[H*W] for points [s, e) and returns ΣR.
+  T render(int64_t s, int64_t e, T* R) {
+    const int64_t H = f_.H, W = f_.W, Hp = f_.Hp, Wp = f_.Wp;
+    T* pad = pad_.data();
+    if (Wp == 8) {
+      accumulate<8>(s, e, pad);
+    } else if (Wp == 16) {
+      accumulate<16>(s, e, pad);
+    } else {  // wide grids: each row is long enough to keep the vector units busy
+      std::fill(pad, pad + Hp * Wp, T(0));
+      for (int64_t i = s; i < e; ++i) {
+        const T* exi = f_.ex(i);
+        const T* weyi = f_.wey(i);
+        for (int64_t h = 0; h < H; ++h) {
+          T* row = pad + h * Wp;
+#pragma omp simd
+          for (int64_t w = 0; w < Wp; ++w) row[w] += weyi[h] * exi[w];
+        }
+      }
+    }
+    // The padding of pad is zero (EX and EY vanish at the padded centers), so ΣR is its sum: one
+    // vectorized reduction instead of a chain of scalar adds.
+    T total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < Hp * Wp; ++j) total += pad[j];
+    for (int64_t h = 0; h < H; ++h) std::memcpy(R + h * W, pad + h * Wp, W * sizeof(T));
+    return total;
+  }
+
+  // Given dL/dR[H*W] for the points [s, e), adds dL/dp_i and dL/dw_i into dpts / dwts
+  // (atomically). With g_i = EY[i] ⊗ EX[i]: dR/dw_i = g_i and dR/dp_i = w_i g_i (c - p_i) / σ²,
+  // so dL/dw_i = EY[i]·u_i, dL/dx_i = w_i/σ² EY[i]·v_i and dL/dy_i = w_i/σ² ((cy - y_i) ∘ EY[i])·u_i,
+  // where u_i = dR·EX[i] and v_i = dR·((cx - x_i) ∘ EX[i]) are columns over the grid rows (vectors
+  // of Hp lanes).
+  void render_backward(int64_t s, int64_t e, const T* dR, T* dpts, T* dwts) {
+    const int64_t H = f_.H, W = f_.W, Hp = f_.Hp;
+    T* dRT = drt_.data();  // dRᵀ, rows padded to Hp lanes with zeros
+    std::fill(dRT, dRT + W * Hp, T(0));
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t w = 0; w < W; ++w) dRT[w * Hp + h] = dR[h * W + w];
+    }
+    if (Hp == 8) {
+      point_gradients<8>(s, e, dpts, dwts);
+    } else if (Hp == 16) {
+      point_gradients<16>(s, e, dpts, dwts);
+    } else {
+      T* u = uv_.data();
+      T* v = u + Hp;
+      for (int64_t i = s; i < e; ++i) {
+        const T* exi = f_.ex(i);
+        const T px = f_.pts[2 * i];
+        std::fill(u, u + 2 * Hp, T(0));
+        for (int64_t w = 0; w < W; ++w) {
+          const T a = exi[w], b = exi[w] * (f_.cx[w] - px);
+          const T* col = dRT + w * Hp;
+#pragma omp simd
+          for (int64_t h = 0; h < Hp; ++h) {
+            u[h] += a * col[h];
+            v[h] += b * col[h];
+          }
+        }
+        add_point_gradient(i, u, v, dpts, dwts);
+      }
+    }
+  }
+
+ private:
+  // pad = Σ_i WEY[i, :] ⊗ EX[i, :] for rows of a fixed width WP (8 or 16 columns: the usual
+  // grids), eight rows at a time held in registers. (Accumulating into memory row by row instead
+  // chains every point's update of a row through a store and a load: about 8x slower.)
+  template <int WP>
+  void accumulate(int64_t s, int64_t e, T* pad) const {
+    using Row = typename VectorOf<T, WP>::type;
+    constexpr int kRows = 8;  // Hp is a multiple of 8
+    for (int64_t h0 = 0; h0 < f_.Hp; h0 += kRows) {
+      Row acc[kRows];
+      for (int j = 0; j < kRows; ++j) acc[j] = Row{};
+      for (int64_t i = s; i < e; ++i) {
+        Row x;
+        std::memcpy(&x, f_.ex(i), sizeof(Row));
+        const T* c = f_.wey(i) + h0;
+        for (int j = 0; j < kRows; ++j) acc[j] += c[j] * x;
+      }
+      for (int j = 0; j < kRows; ++j) std::memcpy(pad + (h0 + j) * WP, &acc[j], sizeof(Row));
+    }
+  }
+
+  // render_backward's columns u_i and v_i as single vectors of HP lanes (grids of up to 16 rows):
+  // short loops of a length known only at run time cost more in overhead than in arithmetic.
+  template <int HP>
+  void point_gradients(int64_t s, int64_t e, T* dpts, T* dwts) {
+    using Col = typename VectorOf<T, HP>::type;
+    const T* dRT = drt_.data();
+    T* uv = uv_.data();
+    for (int64_t i = s; i < e; ++i) {
+      const T* exi = f_.ex(i);
+      const T px = f_.pts[2 * i];
+      Col u{}, v{};
+      for (int64_t w = 0; w < f_.W; ++w) {
+        Col col;
+        std::memcpy(&col, dRT + w * HP, sizeof(Col));
+        u += exi[w] * col;
+        v += (exi[w] * (f_.cx[w] - px)) * col;
+      }
+      std::memcpy(uv, &u, sizeof(Col));
+      std::memcpy(uv + HP, &v, sizeof(Col));
+      add_point_gradient(i, uv, uv + HP, dpts, dwts);
+    }
+  }
+
+  // dL/dw_i = EY[i]·u, dL/dx_i = w_i/σ² EY[i]·v, dL/dy_i = w_i/σ² ((cy - y_i) ∘ EY[i])·u, added
+  // atomically.
+  void add_point_gradient(int64_t i, const T* u, const T* v, T* dpts, T* dwts) const {
+    const T* eyi = f_.ey(i);
+    const T* cy0 = f_.cy0.data();
+    const T py = f_.pts[2 * i + 1];
+    T gw = 0, gx = 0, gy = 0;
+#pragma omp simd reduction(+ : gw, gx, gy)
+    for (int64_t h = 0; h < f_.Hp; ++h) {
+      gw += eyi[h] * u[h];
+      gx += eyi[h] * v[h];
+      gy += eyi[h] * (cy0[h] - py) * u[h];
+    }
+    const T scale = f_.wts[i] * f_.inv_s2;
+    atomic_add(dwts + i, gw);
+    atomic_add(dpts + 2 * i, scale * gx);
+    atomic_add(dpts + 2 * i + 1, scale * gy);
+  }
+
+  const PointFactors<T>& f_;
   std::vector<T> pad_, drt_, uv_;  // scratch: rendered rows, dRᵀ, the columns u and v
-  std::vector<T> ex_, ey_, wey_;  // per point: EX, EY and w·EY
 };
 
 // [start, end) of token `tok`; an inverted range is empty.

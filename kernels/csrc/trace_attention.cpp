@@ -183,14 +183,14 @@ void scatter_gradient(int64_t N, int64_t L, int lanes, const T* live, const T* _
 // when those are defined — all for the sum over tokens; the caller divides by the number of valid
 // targets.
 template <typename T>
-void fused_blocks(LossType lt, int64_t B, int64_t L, int64_t grid_h, int64_t grid_w, double sigma,
-                  double scale, const T* p, const T* w, const int64_t* ranges, const bool* mask,
-                  T* zt_all, T* loss_p, char* valid, bool grad_z, T* dpts, T* dwts) {
-  const int64_t N = grid_h * grid_w, blocks_per_image = (L + kLanes - 1) / kLanes;
+void fused_blocks(LossType lt, int64_t B, int64_t L, const PointFactors<T>& factors, double scale,
+                  const int64_t* ranges, const bool* mask, T* zt_all, T* loss_p, char* valid,
+                  bool grad_z, T* dpts, T* dwts) {
+  const int64_t N = factors.H * factors.W, blocks_per_image = (L + kLanes - 1) / kLanes;
   const T sc = static_cast<T>(scale);
   const bool grad_points = dpts != nullptr;
   at::parallel_for(0, B * blocks_per_image, 1, [&](int64_t begin, int64_t end) {
-    TraceRenderer<T> renderer(grid_h, grid_w, sigma);
+    TraceRenderer<T> renderer(factors);
     BlockScratch<T> buf(N, grad_points);
     T* z = buf.z.data();
     T* R = buf.R.data();
@@ -208,7 +208,7 @@ void fused_blocks(LossType lt, int64_t B, int64_t L, int64_t grid_h, int64_t gri
         if (j < lanes && mask[tok]) {
           int64_t first, last;
           token_range(ranges, tok, &first, &last);
-          S[j] = renderer.render(p, w, first, last, buf.r.data());
+          S[j] = renderer.render(first, last, buf.r.data());
         }
         const bool ok = S[j] > static_cast<T>(kRenderEps);  // false for NaN too
         live[j] = ok ? T(1) : T(0);
@@ -248,8 +248,7 @@ void fused_blocks(LossType lt, int64_t B, int64_t L, int64_t grid_h, int64_t gri
           int64_t first, last;
           token_range(ranges, b * L + l0 + j, &first, &last);
           target_gradient(lt, N, j, z, R, e, S[j], lse[j], inv_se[j], buf.G.data());
-          renderer.render(p, w, first, last, buf.r.data());  // the token's factors again
-          renderer.render_backward(p, w, first, last, buf.G.data(), dpts, dwts);
+          renderer.render_backward(first, last, buf.G.data(), dpts, dwts);
         }
       }
       block_loss(lt, N, z, R, e, S, lse, inv_se, sc, grad_z, loss);
@@ -303,8 +302,9 @@ Outputs trace_attention_loss_cpu(const at::Tensor& q, const at::Tensor& k,
   double inv_n = 1.0;
   AT_DISPATCH_FLOATING_TYPES(acc, "trace_attention_loss_cpu", [&] {
     scalar_t* loss_p = per_token.data_ptr<scalar_t>();
-    fused_blocks<scalar_t>(lt, B, L, grid_h, grid_w, sigma, scale, pts.data_ptr<scalar_t>(),
-                           wts.data_ptr<scalar_t>(), rng, mask_p, Z.data_ptr<scalar_t>(), loss_p,
+    const PointFactors<scalar_t> factors(pts.data_ptr<scalar_t>(), wts.data_ptr<scalar_t>(),
+                                         pts.size(0), grid_h, grid_w, sigma);
+    fused_blocks<scalar_t>(lt, B, L, factors, scale, rng, mask_p, Z.data_ptr<scalar_t>(), loss_p,
                            valid.data(), grad_logits,
                            grad_points ? dpts.data_ptr<scalar_t>() : nullptr,
                            grad_points ? dwts.data_ptr<scalar_t>() : nullptr);
