@@ -220,9 +220,9 @@ class TraceRenderer {
 
   // Given dL/dR[H*W] for the points [s, e), adds dL/dp_i and dL/dw_i into dpts / dwts
   // (atomically). With g_i = EY[i] ⊗ EX[i]: dR/dw_i = g_i and dR/dp_i = w_i g_i (c - p_i) / σ²,
-  // so dL/dw_i = EY[i]·u_i, dL/dx_i = w_i/σ² EY[i]·v_i and dL/dy_i = w_i/σ² ((cy - y_i) ∘ EY[i])·u_i,
-  // where u_i = dR·EX[i] and v_i = dR·((cx - x_i) ∘ EX[i]) are columns over the grid rows (vectors
-  // of Hp lanes).
+  // so dL/dw_i = EY[i]·u_i, dL/dx_i = w_i/σ² EY[i]·v_i and
+  // dL/dy_i = w_i/σ² ((cy - y_i) ∘ EY[i])·u_i, where u_i = dR·EX[i] and
+  // v_i = dR·((cx - x_i) ∘ EX[i]) are columns over the grid rows (vectors of Hp lanes).
   void render_backward(int64_t s, int64_t e, const T* dR, T* dpts, T* dwts) {
     const int64_t H = f_.H, W = f_.W, Hp = f_.Hp;
     T* dRT = drt_.data();  // dRᵀ, rows padded to Hp lanes with zeros

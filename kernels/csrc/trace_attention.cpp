@@ -155,7 +155,9 @@ void gather_logits(int64_t N, int64_t L, int lanes, const T* live, T scale,
   for (int64_t n = 0; n < N; ++n) {
     if (lanes == kLanes) {
 #pragma omp simd
-      for (int j = 0; j < kLanes; ++j) z[n * kLanes + j] = live[j] != 0 ? scale * zt[n * L + j] : T(0);
+      for (int j = 0; j < kLanes; ++j) {
+        z[n * kLanes + j] = live[j] != 0 ? scale * zt[n * L + j] : T(0);
+      }
     } else {
       for (int j = 0; j < kLanes; ++j) {
         z[n * kLanes + j] = j < lanes && live[j] != 0 ? scale * zt[n * L + j] : T(0);

@@ -78,7 +78,9 @@ class TraceAttentionLoss : public torch::autograd::Function<TraceAttentionLoss> 
       if (ctx->needs_input_grad(0)) {
         out[0] = at::bmm(dz.transpose(1, 2), k.to(dz.scalar_type())).to(q.scalar_type());
       }
-      if (ctx->needs_input_grad(1)) out[1] = at::bmm(dz, q.to(dz.scalar_type())).to(k.scalar_type());
+      if (ctx->needs_input_grad(1)) {
+        out[1] = at::bmm(dz, q.to(dz.scalar_type())).to(k.scalar_type());
+      }
     }
     if (ctx->needs_input_grad(2)) {
       const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype_points"].toInt());
