@@ -6,7 +6,7 @@ from loctex.kernels import bench
 
 def test_bench_quick_cpu_writes_csv_markdown_and_plot(tmp_path, capsys):
     bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
-    csv_files = list(tmp_path.glob("cpu-*core_*_quick.csv"))
+    csv_files = list(tmp_path.glob("cpu-*_quick.csv"))
     assert len(csv_files) == 1
     stem = csv_files[0].with_suffix("")
     assert stem.with_suffix(".md").read_text().count("| contrastive_loss |") >= 1
