@@ -87,6 +87,41 @@ def test_caption_encoder_equals_the_tokenizer():
     caps += ["A man's hat (red) -- 2,000 dogs!!", "x" * 150 + " ok", "Tab\there\nnew", "",
              "Café au lait", "weird\x01ctrl", "   spaces   ", "abc123def 12.5 top-left's"]
     tok = train_tokenizer(caps[:150], vocab_size=400)
-    got = CaptionEncoder(tok).encode_batch(caps)
-    for cap, (ids, offsets), e in zip(caps, got, tok.encode_batch(caps, add_special_tokens=False)):
-        assert (list(ids), [tuple(o) for o in offsets]) == (e.ids, [tuple(o) for o in e.offsets]), cap
+    enc = CaptionEncoder(tok, max_cache=300)  # small: the word table also starts over
+    # all printable ASCII (one batch split), then mixed with captions the tokenizer must take
+    for batch in (caps[:200], caps[150:], caps):
+        got = enc.encode_batch(batch)
+        for cap, (ids, offsets), e in zip(batch, got,
+                                          tok.encode_batch(batch, add_special_tokens=False)):
+            assert (list(ids), [tuple(o) for o in offsets]) == \
+                (e.ids, [tuple(o) for o in e.offsets]), cap
+
+
+def test_align_batch_equals_align_utterances_caption_by_caption():
+    import random
+
+    from loctex.data.align import align_batch
+    rng = random.Random(0)
+    words = ["a", "man", "In", "this", "TOP-left", "café", "grass.", "x_y", "12", "", "ß", "--"]
+    for _ in range(300):
+        caps, utts = [], []
+        for _ in range(rng.randint(1, 5)):
+            ws = [rng.choice(words) for _ in range(rng.randint(0, 7))]
+            caps.append(" ".join(ws) + rng.choice(["", ".", " "]))
+            u = [" ".join(ws[i:i + 2]) for i in range(0, len(ws), 2)]
+            if u and rng.random() < 0.3:  # an utterance that is not in the caption, or none
+                u[rng.randrange(len(u))] = rng.choice(words + ["zzz"])
+            elif u and rng.random() < 0.3:  # one cut inside a word: "man" as "ma", "n"
+                k = rng.randrange(len(u))
+                cut = rng.randrange(len(u[k]) + 1)
+                u[k:k + 1] = [u[k][:cut], u[k][cut:]]
+            utts.append(u if rng.random() > 0.1 else [])
+        spans, missing = align_batch(caps, utts)
+        want, want_missing, base = [], 0, 0
+        for cap, u in zip(caps, utts):
+            sp, m = align_utterances(cap, u)
+            want.append(np.where(sp >= 0, sp + base, -1))
+            want_missing += m
+            base += len(cap) + 1
+        assert missing == want_missing
+        np.testing.assert_array_equal(spans, np.concatenate(want).reshape(-1, 2))

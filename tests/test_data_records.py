@@ -107,6 +107,28 @@ def test_malformed_lines_are_rejected_with_a_reason(line, code):
     assert isinstance(r, RecordError) and r.code == code and r.reason.startswith(code)
 
 
+def test_fast_path_rejects_digits_outside_their_slot():
+    # The skeleton (the line without its number characters) of each bad line is the canonical one:
+    # only where the digits sit is wrong, and the reference parser rejects them.
+    good = b'{"image_id": "1", "caption": "a dog", "traces": [[{"x": 1, "y": 2, "t": 3}]]}'
+    for bad in (good.replace(b'"y": 2', b'"y"2: '), good.replace(b'"x": 1', b'"x1": '),
+                good.replace(b'"t": 3}', b'"t": }3'), good.replace(b'"t": 3}]]', b'"t": 3}]3]')):
+        (fast,) = parse_lines([bad])
+        with pytest.raises(RecordError) as ref:
+            parse_line(bad)
+        assert isinstance(fast, RecordError) and fast.reason == ref.value.reason, bad
+    (r,) = parse_lines([good])
+    assert r.points.tolist() == [[1, 2, 3]] and r.point_dt is not None  # the fast path took it
+
+
+def test_fast_path_keeps_the_sign_of_zero_as_json_does():
+    # json.loads("-0") is the int 0 (+0.0 as a float); "-0.0" is -0.0
+    line = b'{"image_id": "1", "caption": "a", "traces": [[{"x": -0, "y": -0.0, "t": 0}]]}'
+    (fast,) = parse_lines([line])
+    assert fast.point_dt is not None  # the fast path took it
+    np.testing.assert_array_equal(np.signbit(fast.points), np.signbit(parse_line(line).points))
+
+
 def test_parse_csv_numbers_is_exact_and_strict():
     rng = np.random.default_rng(0)
     texts = [repr(round(float(x), int(d))) for x, d in zip(rng.uniform(-3, 60, 3000),

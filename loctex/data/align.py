@@ -5,6 +5,7 @@
    ``"grass"``), and only at word boundaries (``"a"`` never matches inside ``"man"``). An utterance
    that is not found (or holds no letters/digits) gets no span and the search goes on after the last
    match, so one bad utterance costs one word, not the rest of the caption.
+   :func:`align_batch` does the same for a batch of captions.
 2. :func:`token_windows`: a token takes the ``[start_time, end_time]`` of the utterance whose span
    holds the token's first character; tokens outside every span (e.g. a final ``"."``) get NaN.
    Zero-length utterances (``start == end``) keep their zero-length window: it still selects the
@@ -65,7 +66,9 @@ def _normalize_caption(caption: str):
 
 
 def _keys(texts: list) -> list:
-    joined = "\x00".join(t.replace("\x00", " ") for t in texts)
+    joined = "\x00".join(texts)
+    if joined.count("\x00") != len(texts) - 1:  # a text holds a \x00 itself (never, in practice)
+        joined = "\x00".join(t.replace("\x00", " ") for t in texts)
     if joined.isascii():
         keys = joined.lower().translate(_ASCII_DROP_KEEP_SEP).split("\x00")
     else:
@@ -115,6 +118,58 @@ def align_utterances(caption: str, utterances) -> tuple[np.ndarray, int]:
     if rows:
         spans[rows, 0] = index[starts]
         spans[rows, 1] = index[ends] + 1
+    return spans, missing
+
+
+def align_batch(captions: list[str], utterances: list[list[str]]) -> tuple[np.ndarray, int]:
+    """:func:`align_utterances` for many captions at once, on one character axis: caption ``k``
+    starts at ``sum(len(c) + 1 for c in captions[:k])`` (one separator between captions). Returns
+    the spans ``int64 [U,2]`` of all utterances in order, shifted onto that axis (``-1`` rows: not
+    found), and the number not found.
+
+    The common case (an ASCII caption whose utterances, concatenated, are exactly its words) is
+    checked and solved for every caption in a few NumPy calls; any other caption goes through
+    :func:`align_utterances` itself, so the result is the same caption by caption."""
+    counts = [len(t) for t in utterances]
+    flat = [t for texts in utterances for t in texts]
+    spans = np.full((len(flat), 2), -1, np.int64)
+    if not flat:
+        return spans, 0
+    base = np.cumsum([0] + [len(c) + 1 for c in captions[:-1]])
+    ubase = np.cumsum([0] + counts[:-1])
+    # One ASCII text with every caption in its place; captions left to the slow path are blanked
+    # (same length), so they hold no words and the positions of the others do not move.
+    eligible = [m > 0 and c.isascii() for c, m in zip(captions, counts)]
+    norm, index, word_start, word_end = _normalize_caption(
+        "\n".join(c if e else " " * len(c) for c, e in zip(captions, eligible)))
+    keys = _keys(flat)
+    klen = np.fromiter(map(len, keys), np.int64, len(keys))
+    nb = np.searchsorted(index, base).tolist() + [len(norm)]  # caption k: norm[nb[k]:nb[k + 1]]
+    matched = np.array([e and "".join(keys[u:u + m]) == norm[nb[k]:nb[k + 1]]
+                        for k, (e, u, m) in enumerate(zip(eligible, ubase.tolist(), counts))])
+    # where each utterance starts and ends in norm if its caption matched, and whether it lies on
+    # word boundaries there
+    owner = np.repeat(np.arange(len(captions)), counts)
+    before = np.cumsum(klen) - klen
+    first = np.asarray(nb[:-1])[owner] + before - before[ubase[owner]]
+    last = first + klen - 1
+    good = matched[owner] & (klen > 0)
+    if len(norm):
+        good &= word_start[np.clip(first, 0, len(norm) - 1)]
+        good &= word_end[np.clip(last, 0, len(norm) - 1)]
+    # a caption takes the fast result only if all its utterances do (else its own search)
+    matched &= np.bincount(owner[~good], minlength=len(captions)) == 0
+    good = matched[owner]
+    if good.any():
+        spans[good, 0] = index[first[good]]
+        spans[good, 1] = index[last[good]] + 1
+    missing = 0
+    for k in np.flatnonzero(~matched & (np.asarray(counts) > 0)).tolist():
+        sp, m = align_utterances(captions[k], utterances[k])
+        found = sp[:, 0] >= 0
+        sp[found] += base[k]
+        spans[ubase[k]:ubase[k] + counts[k]] = sp
+        missing += m
     return spans, missing
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from loctex.data import align as A
-from loctex.data.jpeg import check_image_file
+from loctex.data.jpeg import BadImage, check_image_file, check_jpeg, jpeg_size
 from loctex.data.packed import PackedWriter, compute_point_dt
 from loctex.data.records import Narrative, RecordError, iter_lines, parse_lines
 from loctex.data.tokenizer import (CaptionEncoder, iter_captions, load_tokenizer,
@@ -73,17 +73,22 @@ def image_candidates(dataset_id: str, image_id: str, template: str | None = None
     return [p for p in out if not (p in seen or seen.add(p))]
 
 
-def read_image_size(path) -> tuple[int, int]:
-    """(width, height) from the header: JPEG SOF / PNG IHDR from the first 64 KiB, else a lazy PIL
-    open (no pixel decode). Raises OSError/ValueError for unreadable files."""
-    with open(path, "rb") as f:
-        head = f.read(65536)
+_HEAD_BYTES = 65536  # the image size is read from this much of the file
+
+
+def read_image_size(path, data: bytes | None = None) -> tuple[int, int]:
+    """(width, height) from the header: JPEG SOF / PNG IHDR from the first 64 KiB (of ``data``
+    when the caller has read the file already), else a lazy PIL open (no pixel decode). Raises
+    OSError/ValueError for unreadable files."""
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read(_HEAD_BYTES)
+    head = data[:_HEAD_BYTES]
     if head[:2] == b"\xff\xd8":
-        from loctex.data.jpeg import BadImage, jpeg_size
         try:
             return jpeg_size(head)
         except BadImage as exc:
-            if "truncated" not in str(exc) or len(head) < 65536:
+            if "truncated" not in str(exc) or len(head) < _HEAD_BYTES:
                 raise ValueError(str(exc)) from None
     elif head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
         w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
@@ -92,6 +97,25 @@ def read_image_size(path) -> tuple[int, int]:
     from PIL import Image
     with Image.open(path) as im:
         return im.size
+
+
+def probe_image(path, check: str) -> tuple[int, int]:
+    """(width, height) of a good image; raises OSError/ValueError (the reason) for a bad one.
+    Beyond ``header`` the file is read once, for both the size and the ``--check-images`` check
+    (two opens and reads cost about as much as the check of a small image)."""
+    if check == "header":
+        return read_image_size(path)
+    with open(path, "rb", buffering=0) as f:
+        data = f.read()
+    size = read_image_size(path, data)
+    # check_image_file(path, check) on the bytes in hand; it decides the rare non-JPEG files
+    if data[:2] == b"\xff\xd8":
+        bad = check_jpeg(data, trial_decode=check == "decode")
+    else:
+        bad = check_image_file(path, check)
+    if bad is not None:
+        raise ValueError(bad)
+    return size
 
 
 class ImageTable:
@@ -114,10 +138,7 @@ class ImageTable:
         for rel in tried:
             path = self.root / rel
             try:
-                size = read_image_size(path)
-                bad = check_image_file(path, self.check)
-                if bad is not None:
-                    raise ValueError(bad)
+                size = probe_image(path, self.check)
             except FileNotFoundError:
                 continue
             except (OSError, ValueError) as exc:
@@ -172,57 +193,39 @@ def _pack_chunk(good: list, rows: list, src: int, tok, writer: PackedWriter,
     """Tokenize, align and append a chunk of kept narratives (vectorized over the chunk)."""
     n = len(good)
     caps = [r.caption for r, _ in good]
-    encs = tok.encode_batch(caps)  # a CaptionEncoder: [(ids, offsets)]
-    ids_flat: list = []
-    chars_flat: list = []
-    ntok = np.empty(n, np.int64)
-    for k, (ids, offsets) in enumerate(encs):
-        ids_flat.extend(ids)
-        chars_flat.extend(offsets)
-        ntok[k] = len(ids)
+    ids, chars, ntok = tok.encode_flat(caps)  # tok: a CaptionEncoder
     # All captions of the chunk on one character axis (one gap between captions), so that one
     # searchsorted assigns every token of the chunk to its utterance.
     base = np.cumsum([0] + [len(c) + 1 for c in caps[:-1]])
-    chars = np.asarray(chars_flat, np.int64).reshape(-1, 2)
-    spans_all, times_all = [], []
-    for k, (r, _) in enumerate(good):
-        if r.utterance_texts:
-            spans, missing = A.align_utterances(r.caption, r.utterance_texts)
-            counts.unaligned_utterances += missing
-            found = spans[:, 0] >= 0
-            spans_all.append(spans[found] + base[k])
-            times_all.append(r.utterance_times[found])
-    if spans_all:
-        windows = A.token_windows(chars + np.repeat(base, ntok)[:, None],
-                                  np.concatenate(spans_all), np.concatenate(times_all))
-    else:
-        windows = np.full((len(chars), 2), np.nan, np.float32)
+    spans, missing = A.align_batch(caps, [r.utterance_texts for r, _ in good])
+    counts.unaligned_utterances += missing
+    windows = A.token_windows(chars + np.repeat(base, ntok)[:, None], spans,
+                              np.concatenate([r.utterance_times for r, _ in good]))
     tok_owner = np.repeat(np.arange(n), ntok)
     has_window = np.bincount(tok_owner[np.isfinite(windows[:, 0])], minlength=n) > 0
     npts = np.array([len(r.points) for r, _ in good])
     counts.no_localization += int(((npts == 0) | ~has_window).sum())
     pts = np.concatenate([r.points for r, _ in good]) if npts.sum() else np.zeros((0, 3))
+    segs = [r.segments for r, _ in good]
     dts = [r.point_dt if r.point_dt is not None else compute_point_dt(r.points[:, 2], r.segments)
            for r, _ in good]
-    narr_dataset = np.empty(n, np.int16)
-    narr_line = np.empty(n, np.int64)
-    narr_annotator = np.empty(n, np.int32)
-    for k, (r, lineno) in enumerate(good):
-        narr_dataset[k] = datasets.setdefault(r.dataset_id, len(datasets))
-        narr_line[k] = lineno
-        narr_annotator[k] = r.annotator_id
-        for reason in r.repairs:
-            counts.repaired[reason] += 1
-        counts.points_dropped += r.points_dropped
+    narr_dataset = np.array([datasets.setdefault(r.dataset_id, len(datasets)) for r, _ in good],
+                            np.int16)
+    for r, _ in good:
+        if r.repairs or r.points_dropped:
+            counts.repaired.update(r.repairs)
+            counts.points_dropped += r.points_dropped
     writer.add_chunk(
-        narr_image=np.asarray(rows, np.int32), narr_annotator=narr_annotator,
-        narr_dataset=narr_dataset, narr_source=np.full(n, src, np.int16), narr_line=narr_line,
+        narr_image=np.asarray(rows, np.int32),
+        narr_annotator=np.array([r.annotator_id for r, _ in good], np.int32),
+        narr_dataset=narr_dataset, narr_source=np.full(n, src, np.int16),
+        narr_line=np.array([lineno for _, lineno in good], np.int64),
         captions=[c.encode("utf-8") for c in caps], token_lengths=ntok,
-        token_ids=np.asarray(ids_flat, np.int32), token_chars=chars.astype(np.int32),
+        token_ids=ids, token_chars=chars.astype(np.int32),
         token_windows=windows, point_lengths=npts, points_xy=pts[:, :2].astype(np.float32),
         points_t=pts[:, 2].astype(np.float32),
-        point_segment=np.concatenate([r.segments for r, _ in good]).astype(np.int32),
-        point_dt=np.concatenate(dts).astype(np.float32))
+        point_segment=np.concatenate(segs).astype(np.int32, copy=False),
+        point_dt=np.concatenate(dts).astype(np.float32, copy=False))
     counts.kept += n
 
 

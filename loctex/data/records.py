@@ -14,16 +14,19 @@ Repairs never reject: they are listed in ``Narrative.repairs`` by reason code:
   ``utterance_times_swapped`` — ``start_time > end_time`` is swapped.
 
 Speed. A COCO narrative is ~20 KB of JSON, most of it ~1,500 trace numbers; CPython parses a float
-in ~100-200 ns, so ``json.loads`` alone caps a core at ~3,000 lines/s. :func:`parse_lines` therefore
-cuts the ``traces`` value out of the raw bytes, checks that its skeleton (the text without the
-numbers) is exactly the canonical ``[[{"x": , "y": , "t": }, ...], ...]``, parses the numbers of 64
-lines at once with a vectorized NumPy decimal parser (:func:`parse_csv_numbers`), and parses the
-small rest with ``json`` (``orjson`` when installed). Anything the fast path does not recognize —
-other formatting or key order, NaN, exponents, bad JSON — goes through :func:`parse_line` (plain
-``json.loads``), which is the reference behaviour; a test pins the two together.
+in ~100-200 ns, so ``json.loads`` alone caps a core at ~3,000 lines/s (``orjson`` too: building the
+Python floats and dicts is the cost). :func:`parse_lines` therefore cuts the ``traces`` value out of
+the raw bytes, checks that its skeleton (the text without the number characters) is exactly the
+canonical ``[[{"x": , "y": , "t": }, ...], ...]`` and that every number sits in its slot, parses
+the numbers of 64 lines at once with a vectorized NumPy decimal parser (:func:`_trace_numbers`),
+and parses the small rest with ``json`` (``orjson`` when installed). Anything the fast path does
+not recognize — other formatting or key order, NaN, exponents, empty segments, bad JSON — goes
+through :func:`parse_line` (plain ``json.loads``), which is the reference behaviour; tests pin the
+two together.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -153,8 +156,8 @@ def _utterances(timed: list, repairs: list) -> tuple[list, np.ndarray]:
                 raise RecordError("bad_type", f"timed_caption[{i}] needs utterance (string), "
                                               f"start_time and end_time (numbers)")
     times = np.array((starts, ends), np.float64).T
-    finite = np.isfinite(times).all(axis=1)
-    if not finite.all():
+    if not np.isfinite(times).all():
+        finite = np.isfinite(times).all(axis=1)
         repairs.append("bad_utterances_dropped")
         texts = [t for t, f in zip(texts, finite) if f]
         times = times[finite]
@@ -251,14 +254,29 @@ def parse_line(raw: bytes | str) -> Narrative:
 _KEY = b'"traces": ['
 _POINT_SKELETON = b'{"x": , "y": , "t": }'
 _NUM_CHARS = b"0123456789.-"
-_SKELETON_CHARS = b'{}[]"xyt: '
+# Deleting these from a canonical traces value leaves ": N" per coordinate, "}" after each point's
+# t, ", " between coordinates and points: the numbers with just enough around them to prove that
+# each one sits in its slot (see _trace_numbers).
+_LETTERS_AND_BRACKETS = b'{[]"xyt'
 _P10F = 10.0 ** np.arange(19)
+_ZEROS = np.array([48 * sum(10 ** k for k in range(n)) for n in range(19)])  # n "0" codes, as digits
 _GROUP = 64
 _MAX_LEN = 17  # longest number text the vectorized parser takes ("-0." + 14 digits)
 
 
+@functools.lru_cache(maxsize=4096)
+def _segment_skeleton(n: int) -> bytes:
+    """The canonical text of a segment of ``n`` points with the numbers deleted."""
+    return b"[" + b", ".join([_POINT_SKELETON] * n) + b"]"
+
+
+# a segment "[{...}, {...}]" takes len("{...}, ") bytes a point ("[" and "]" stand in for a ", ")
+_SEGMENT_BYTES_PER_POINT = len(_POINT_SKELETON) + 2
+
+
 def _split_traces(raw: bytes):
-    """(rest bytes with ``traces: []``, traces bytes, points per segment) or None (use slow path)."""
+    """(rest bytes with ``traces: []``, the traces with letters and brackets deleted, points per
+    segment), or None: not the canonical layout (use the slow path)."""
     k = raw.find(_KEY)
     if k < 0:
         return None
@@ -272,45 +290,89 @@ def _split_traces(raw: bytes):
         return None
     end += 2
     tr = raw[start:end]
+    # The skeleton (the text without the number characters) must be exactly "[[{...}, ...], ...]".
     skel = tr.translate(None, _NUM_CHARS)
-    if not skel.startswith(b"[[") or not skel.endswith(b"]]"):
+    # Points per segment, read off the "]" that ends each segment (a one-byte find is a memchr;
+    # a wrong guess on odd input just fails the comparison below).
+    counts, pos = [], 1
+    while pos < len(skel) - 1:
+        cut = skel.find(b"]", pos)
+        if cut < 0:
+            return None
+        counts.append((cut + 1 - pos) // _SEGMENT_BYTES_PER_POINT)
+        pos = cut + 3
+    if not sum(counts):
+        return None  # no points: rare, the reference path handles it
+    if skel != b"[" + b", ".join(map(_segment_skeleton, counts)) + b"]":
         return None
-    counts = [s.count(b"{") for s in skel[2:-2].split(b"], [")]
-    expected = b"[" + b", ".join(b"[" + b", ".join([_POINT_SKELETON] * n) + b"]" for n in counts) + b"]"
-    if skel != expected:
+    return raw[:start] + b"[]" + raw[end:], tr.translate(None, _LETTERS_AND_BRACKETS), counts
+
+
+def _trace_numbers(traces: list[bytes], num_points: int) -> np.ndarray | None:
+    """The x, y, t numbers of several lines' traces (as :func:`_split_traces` leaves them) in one
+    float64 array [3 * num_points], or None when the layout or a number is not what the fast path
+    takes.
+
+    The skeleton check of :func:`_split_traces` fixes the order of every non-number character,
+    but not where the number characters sit between them (``{"x"1: 2`` has the skeleton of
+    ``{"x": 12``). Here every number must sit in its slot: with ``", "`` before every line, each
+    field between two commas must be exactly ``" : " + number`` (``" : " + number + "}"`` for a
+    t), so no number character lies anywhere else."""
+    buf = b", ".join([b"", *traces, bytes(_MAX_LEN + 1)])  # zero padding for the column gathers
+    a = np.frombuffer(buf, np.uint8)
+    seps = np.flatnonzero(a == 44)
+    if len(seps) != 3 * num_points + 1:
         return None
-    # The numbers alone, comma separated: what parse_csv_numbers reads.
-    return raw[:start] + b"[]" + raw[end:], tr.translate(None, _SKELETON_CHARS), counts
+    lead = seps[:-1]
+    ends = seps[1:].copy()
+    ends[2::3] -= 1  # the "}" after a t
+    if not ((a[lead + 1] == 32) & (a[lead + 2] == 58) & (a[lead + 3] == 32)).all() \
+            or not (a[ends[2::3]] == 125).all():
+        return None
+    vals, ok = _parse_numbers(a, lead + 4, ends - lead - 4)
+    return vals if ok else None
 
 
 def parse_csv_numbers(buf: bytes) -> tuple[np.ndarray, bool]:
     """Parse ``b"0.25,-1,12.125,..."`` (numbers made of ``[0-9.-]``, one comma between numbers)
-    into float64, vectorized. Returns (values, ok); ``ok`` is False when any number is not a plain
-    JSON number (``01``, ``1.``, ``.5``, ``1-2``, empty) or has more than 15 digits — the caller
-    then takes the reference path. Values equal ``float(text)`` exactly: the digits accumulate
-    exactly in float64 (an integer below 2**53) and one division by an exact power of ten rounds.
+    into float64, vectorized: see :func:`_parse_numbers`."""
+    a = np.frombuffer(buf + b"," + bytes(_MAX_LEN + 1), np.uint8)
+    seps = np.flatnonzero(a[: len(buf) + 1] == 44)
+    if len(seps) == 0:
+        return np.zeros(0), True
+    starts = np.empty(len(seps), np.int64)
+    starts[0] = 0
+    starts[1:] = seps[:-1] + 1
+    return _parse_numbers(a, starts, seps - starts)
+
+
+def _parse_numbers(a: np.ndarray, starts: np.ndarray,
+                   length: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The numbers ``a[starts[i]:starts[i] + length[i]]`` of the byte array ``a`` (each made of
+    ``[0-9.-]``; ``a`` has no other dots or minus signs and ``_MAX_LEN + 1`` bytes of padding) as
+    float64. Returns (values, ok); ``ok`` is False when any number is not a plain JSON number
+    (``01``, ``1.``, ``.5``, ``1-2``, empty) or has more than 15 digits — the caller then takes the
+    reference path. Values equal ``float(json.loads(text))`` exactly: the digits accumulate exactly
+    in float64 (an integer below 2**53) and one division by an exact power of ten rounds.
 
     Numbers are grouped by their shape (length, dot position, sign); within a shape every digit
     sits at a fixed column, so each column is one gather and one multiply-add over the group."""
-    a = np.frombuffer(buf + b"," + bytes(_MAX_LEN + 1), np.uint8)
-    seps = np.flatnonzero(a[: len(buf) + 1] == 44)
-    n = len(seps)
-    if n == 0:
-        return np.zeros(0), True
-    starts = np.empty(n, np.int64)
-    starts[0] = 0
-    starts[1:] = seps[:-1] + 1
-    length = seps - starts
+    n = len(starts)
     if length.min() < 1 or length.max() > _MAX_LEN:
         return np.zeros(n), False
-    # the dot column of each number, one gather per column (cheaper than a search per dot)
+    # the dot column of each number, one gather per column (cheaper than a search per dot), until
+    # every dot of the buffer is placed (trace numbers have theirs in the first few columns)
+    dots = int(np.count_nonzero(a == 46))
     dot_col = np.full(n, -1, np.int64)
-    ndots = np.zeros(n, np.int8)
+    found = 0
     for j in range(1, int(length.max())):
-        is_dot = (a[starts + j] == 46) & (length > j)
+        if found == dots:
+            break
+        is_dot = (a[j:][starts] == 46) & (length > j)
         dot_col[is_dot] = j
-        ndots += is_dot
-    if int(np.count_nonzero(a == 46)) != int(np.count_nonzero(dot_col >= 0)) or (ndots > 1).any():
+        found += int(np.count_nonzero(is_dot))
+    # every dot found, and no number holding two (its dot_col keeps only one of them)
+    if found != dots or int(np.count_nonzero(dot_col >= 0)) != dots:
         return np.zeros(n), False                         # ".5" or two dots in one number
     neg = a[starts] == 45
     if int(np.count_nonzero(a == 45)) != int(np.count_nonzero(neg)):
@@ -332,14 +394,21 @@ def parse_csv_numbers(buf: bytes) -> tuple[np.ndarray, bool]:
         s = starts[idx]
         if int_end - first > 1 and (a[s + first] == 48).any():
             return np.zeros(n), False                     # leading zero: "01"
-        mant = np.zeros(hi - lo, np.float64)
-        for j in range(first, L):
-            if j != dc:
-                mant *= 10.0
-                mant += a[s + j] - 48.0
+        # Horner over the digit columns on the character codes: exact (below 2**53 with at most
+        # 15 digits), and the codes' "0"s (48 * 11...1) come off once at the end.
+        cols = [j for j in range(first, L) if j != dc]
+        mant = a[cols[0]:][s].astype(np.float64)
+        for j in cols[1:]:
+            mant *= 10.0
+            mant += a[j:][s]
+        mant -= _ZEROS[len(cols)]
         if dc >= 0:
             mant /= _P10F[L - 1 - dc]
-        vals[idx] = -mant if sign else mant
+        if sign and dc < 0:  # json.loads("-0") is the int 0: +0.0 (0 - 0), where "-0.0" is -0.0
+            np.subtract(0.0, mant, out=mant)
+        elif sign:
+            np.negative(mant, out=mant)
+        vals[idx] = mant
     return vals, True
 
 
@@ -363,8 +432,8 @@ def parse_lines(lines: list[bytes]) -> list[Narrative | RecordError]:
         else:
             fast.append((i, split[0], split[2]))
             bufs.append(split[1])
-    # Numbers of ~16 lines per call: big enough to amortize NumPy's per-call cost, small enough
-    # for the [width, n] temporaries to stay in cache.
+    # Numbers of _GROUP lines per call: enough to amortize NumPy's per-call cost, few enough for
+    # the temporaries (~1 MB) to stay in cache.
     for g in range(0, len(fast), _GROUP):
         _parse_group(lines, fast[g:g + _GROUP], bufs[g:g + _GROUP], out)
     return out
@@ -372,8 +441,8 @@ def parse_lines(lines: list[bytes]) -> list[Narrative | RecordError]:
 
 def _parse_group(lines, fast, bufs, out) -> None:
     npts = [sum(c) for _, _, c in fast]
-    vals, ok = parse_csv_numbers(b",".join(b for b in bufs if b))
-    if len(vals) != 3 * sum(npts) or not ok:
+    vals = _trace_numbers(bufs, sum(npts))
+    if vals is None:
         # A malformed or unusual number somewhere: each line on its own (rare).
         if len(fast) > 1:
             for k in range(len(fast)):
@@ -383,25 +452,27 @@ def _parse_group(lines, fast, bufs, out) -> None:
         return
     pts = vals.reshape(-1, 3)
     seg_counts = [c for _, _, cs in fast for c in cs]
-    seg_global = np.repeat(np.arange(len(seg_counts), dtype=np.int32), seg_counts)
-    seg_base = np.repeat(np.cumsum([0] + [len(cs) for _, _, cs in fast[:-1]]).astype(np.int32), npts)
-    line_of = np.repeat(np.arange(len(fast)), npts)
+    seg_last = np.cumsum(seg_counts) - 1  # index of each segment's last point
+    bounds = np.cumsum([0] + npts).tolist()
     t = pts[:, 2]
     d = np.diff(t)
-    same_seg = seg_global[1:] == seg_global[:-1]
-    same_line = line_of[1:] == line_of[:-1]
-    backwards = (d < 0) & same_line
-    needs_repair = set(line_of[1:][backwards].tolist()) if backwards.any() else set()
+    # t going backwards inside a line (not from one line to the next): that line needs repairs
+    backwards = d < 0
+    backwards[np.array(bounds[1:-1], np.int64) - 1] = False
+    needs_repair = set()
+    if backwards.any():
+        lines_back = np.searchsorted(bounds, np.flatnonzero(backwards), "right") - 1
+        needs_repair = set(lines_back.tolist())
     # time to the next point of the segment; a segment's last point repeats its previous interval
-    dt = np.full(len(t), np.nan, np.float32)
-    dt[:-1][same_seg] = d[same_seg]
-    prev = np.full(len(t), np.nan, np.float32)
-    prev[1:][same_seg] = d[same_seg]
-    last = np.ones(len(t), bool)
-    last[:-1] = ~same_seg
-    dt[last] = prev[last]
-    segs = seg_global - seg_base
-    bounds = np.cumsum([0] + npts).tolist()
+    # (NaN for a one-point segment): what packed.compute_point_dt gives
+    dt = np.empty(len(t), np.float32)
+    dt[:-1] = d
+    prev = np.empty(len(t), np.float32)
+    prev[0] = np.nan
+    prev[1:] = d
+    dt[seg_last] = np.where(np.asarray(seg_counts) > 1, prev[seg_last], np.nan)
+    segs = np.repeat(np.array([k for _, _, cs in fast for k in range(len(cs))], np.int32),
+                     seg_counts)
     for k, (i, rest, counts) in enumerate(fast):
         try:
             obj = _loads_rest(rest)
@@ -421,8 +492,6 @@ def _parse_group(lines, fast, bufs, out) -> None:
             out[i] = _finish(common, pts[s:e], segs[s:e], [])
             continue
         dataset_id, image_id, annotator_id, caption, texts, times, voice, repairs = common
-        if s == e:
-            repairs.append("empty_traces")
         out[i] = Narrative(dataset_id, image_id, annotator_id, caption, texts, times, pts[s:e],
                            segs[s:e], voice, repairs, 0, dt[s:e])
 
@@ -432,7 +501,8 @@ def iter_lines(path, chunk_lines: int = 256):
     blank lines skipped (they are not records). ``raw`` keeps its line ending (no 20 KB copy per
     line; JSON ignores it)."""
     chunk = []
-    with open(path, "rb") as f:
+    # A 1 MiB buffer: with the default 8 KiB one, each ~20 KB line costs several reads and joins.
+    with open(path, "rb", buffering=1 << 20) as f:
         for lineno, raw in enumerate(f, 1):
             if raw.isspace():
                 continue
