@@ -122,7 +122,7 @@ def _time_cpu_interleaved(fns: dict, leaves: dict, budget_s: float, max_reps: in
 
     Each block starts with an untimed call and then times ``block`` calls back to back: a
     provider is measured with its own data in cache, as torch.utils.benchmark does, and not
-    right after another provider has swept the caches. (Timed that way, the C++ loss at
+    right after another provider has swept the caches. (Timed that way, an earlier C++ loss at
     B=32, L=64, 7x7 paid about 0.9 ms of cache misses per call on top of its 2.3 ms; a loss
     whose inputs the model has just computed finds them in cache.)
     """
@@ -195,8 +195,8 @@ def _peak_mb(fn, leaves, device: str) -> float:
 def _steady_cpu_allocator() -> str:
     """Keeps glibc from returning large freed buffers to the system (and mapping them afresh, page
     faults included, at the next call), so that a CPU timing does not depend on which cases ran
-    before it in the process: the reference trace loss measured 15 ms or 46 ms per call on the same
-    machine depending on that alone. Tuned the way jemalloc/tcmalloc behave; returns a note for the
+    before it in the process: on one thread the reference trace loss measured 26 ms or 46 ms per
+    call on the same machine depending on that alone. Tuned the way jemalloc/tcmalloc behave; returns a note for the
     report ("" where there is no glibc)."""
     import ctypes
     import ctypes.util

@@ -89,8 +89,6 @@ def _register_python_parts() -> None:
     torch.library.register_autograd("loctex::render_traces", _render_backward,
                                     setup_context=_render_setup)
 
-    # trace_attention_loss's autograd is registered in C++ (kernels/csrc/trace_attention_autograd.cpp).
-
 
 def render_traces_cpp(points_xy, point_weights, token_ranges, grid_hw, sigma):
     """-> (heat [B, L, H, W], valid [B, L] bool); float32, or float64 for float64 inputs."""

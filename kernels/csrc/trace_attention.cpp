@@ -219,10 +219,8 @@ void fused_blocks(LossType lt, int64_t B, int64_t L, const PointFactors<T>& fact
         for (int64_t n = 0; n < N; ++n) R[n * kLanes + j] = ok ? buf.r[n] : T(0);
         if (!ok) S[j] = 1;
       }
-      if (!any) {
-        if (grad_z) {
-          for (int64_t n = 0; n < N; ++n) std::fill(zt + n * L, zt + n * L + lanes, T(0));
-        }
+      if (!any) {  // every lane dead: their gradients are 0
+        if (grad_z) scatter_gradient(N, L, lanes, live, z, zt);
         continue;
       }
       gather_logits(N, L, lanes, live, sc, zt, z);

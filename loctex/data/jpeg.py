@@ -154,7 +154,13 @@ def check_image_file(path, level: str = "structure") -> str | None:
     if level == "header":
         return None
     with open(path, "rb") as f:
-        data = f.read()
+        return check_image_bytes(f.read(), level)
+
+
+def check_image_bytes(data: bytes, level: str = "structure") -> str | None:
+    """:func:`check_image_file` on a file's bytes already read."""
+    if level == "header":
+        return None
     if data[:2] != b"\xff\xd8":
         return _trial_decode_pil(data) if level == "decode" else None
     return check_jpeg(data, trial_decode=(level == "decode"))

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from loctex.data import align as A
-from loctex.data.jpeg import BadImage, check_image_file, check_jpeg, jpeg_size
+from loctex.data.jpeg import BadImage, check_image_bytes, jpeg_size
 from loctex.data.packed import PackedWriter, compute_point_dt
 from loctex.data.records import Narrative, RecordError, iter_lines, parse_lines
 from loctex.data.tokenizer import (CaptionEncoder, iter_captions, load_tokenizer,
@@ -108,11 +108,7 @@ def probe_image(path, check: str) -> tuple[int, int]:
     with open(path, "rb", buffering=0) as f:
         data = f.read()
     size = read_image_size(path, data)
-    # check_image_file(path, check) on the bytes in hand; it decides the rare non-JPEG files
-    if data[:2] == b"\xff\xd8":
-        bad = check_jpeg(data, trial_decode=check == "decode")
-    else:
-        bad = check_image_file(path, check)
+    bad = check_image_bytes(data, check)
     if bad is not None:
         raise ValueError(bad)
     return size
