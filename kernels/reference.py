@@ -136,21 +136,6 @@ def contrastive_loss(image_emb, text_emb, logit_scale):
     return loss if loss.dtype == torch.float64 else loss.float()
 
 
-def _rank_offset_and_total(n_local: int, group) -> tuple[int, int, int, int]:
-    import torch.distributed as dist
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    sizes = torch.tensor([n_local], dtype=torch.long)
-    if dist.get_backend(group) == "nccl":
-        sizes = sizes.cuda()
-    gathered = [torch.zeros_like(sizes) for _ in range(world)]
-    dist.all_gather(gathered, sizes, group=group)
-    sizes = [int(s) for s in gathered]
-    if len(set(sizes)) != 1:
-        raise ValueError(f"distributed_contrastive_loss needs equal local batch sizes, got {sizes}")
-    return rank, world, rank * n_local, n_local * world
-
-
 def distributed_contrastive_loss(image_emb, text_emb, logit_scale, group=None):
     """The contrastive loss over the *global* batch (every rank's rows, in rank order).
 
@@ -162,13 +147,14 @@ def distributed_contrastive_loss(image_emb, text_emb, logit_scale, group=None):
     single-process gradient, and the replicated ``logit_scale`` gets its local rows' share × world.)
     """
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
+
+    from .distributed import gather_rows_with_grad, rank_offset_and_total
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return contrastive_loss(image_emb, text_emb, logit_scale)
-    rank, world, offset, _ = _rank_offset_and_total(image_emb.shape[0], group)
-    all_image = torch.cat(dist_fn.all_gather(image_emb, group=group), 0)
-    all_text = torch.cat(dist_fn.all_gather(text_emb, group=group), 0)
+    _, world, offset, _ = rank_offset_and_total(image_emb.shape[0], group)
+    all_image = gather_rows_with_grad(image_emb, group)
+    all_text = gather_rows_with_grad(text_emb, group)
     n = image_emb.shape[0]
     labels = torch.arange(offset, offset + n, device=image_emb.device)
     i2t = contrastive_logits(image_emb, all_text, logit_scale)       # local images vs all captions

@@ -12,6 +12,7 @@ import torch
 
 import loctex.kernels as K
 from loctex.kernels import reference, testing
+from loctex.kernels.distributed import shutdown_process_group
 from loctex.kernels.triton.contrastive import contrastive_loss_triton, distributed_contrastive_loss_triton
 
 # float32 inputs: float32 accumulation like the reference. Each row/column LSE is one float32, so
@@ -138,7 +139,7 @@ def _dist_worker(rank, port, out_dir):
             result[name] = (loss, grads)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()
 
 
 def test_distributed_two_gloo_ranks(tmp_path):

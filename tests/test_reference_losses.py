@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 import loctex.kernels as K
 from loctex.kernels import reference as R
+from loctex.kernels.distributed import shutdown_process_group
 
 LOSS_TYPES = ("kl", "ce", "l1", "mse")
 
@@ -224,9 +225,8 @@ def _rank_main(rank, port, out_dir):
         torch.save({"loss": loss.detach(), "dispatched": dispatched, "img_grad": img.grad,
                     "txt_grad": txt.grad, "proj_grad": proj.grad, "scale_grad": scale.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # nobody tears gloo down while the other rank still talks to it
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()
 
 
 def test_distributed_contrastive_loss_matches_single_process(tmp_path):

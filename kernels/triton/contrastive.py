@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import MAX_LOGIT_SCALE, _rank_offset_and_total
+from ..distributed import all_gather_rows, rank_offset_and_total, reduce_scatter_rows
+from ..reference import MAX_LOGIT_SCALE
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
@@ -368,30 +369,6 @@ def contrastive_loss_triton(image_emb, text_emb, logit_scale, *, tiles=None, chu
 # ----------------------------------------------------------------------------------------------
 # distributed: local rows vs gathered columns
 
-def _all_gather(x, group):
-    import torch.distributed as dist
-    world = dist.get_world_size(group)
-    out = torch.empty((world * x.shape[0], *x.shape[1:]), device=x.device, dtype=x.dtype)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, x, group=group)
-    return out
-
-
-def _reduce_scatter(x, group):
-    """Sum over ranks of ``x`` [world·n, D]; returns this rank's [n, D] slice."""
-    import torch.distributed as dist
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    n = x.shape[0] // world
-    out = torch.empty((n, *x.shape[1:]), device=x.device, dtype=x.dtype)
-    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    try:
-        scatter(out, x, group=group)
-    except (RuntimeError, NotImplementedError):  # backends without reduce-scatter (old gloo)
-        dist.all_reduce(x, group=group)
-        out.copy_(x[rank * n:(rank + 1) * n])
-    return out
-
-
 class _DistributedContrastiveLoss(torch.autograd.Function):
     """Value: the global loss. Gradients: those of this rank's local loss (its rows against every
     column), with the column gradients summed over ranks into their owners — the data-parallel
@@ -400,8 +377,8 @@ class _DistributedContrastiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, text, scale, group, offset, world, tiles, chunk_rows):
         import torch.distributed as dist
-        all_image = _all_gather(image, group)
-        all_text = _all_gather(text, group)
+        all_image = all_gather_rows(image, group)
+        all_text = all_gather_rows(text, group)
         lse_i2t, _ = _lse2(image, all_text, scale, True, False, tiles)   # local images vs all captions
         lse_t2i, _ = _lse2(text, all_image, scale, True, False, tiles)   # local captions vs all images
         local = _local_loss(lse_i2t, lse_t2i, image, text, scale)
@@ -422,8 +399,8 @@ class _DistributedContrastiveLoss(torch.autograd.Function):
                                              True, True, need_s, *ctx.opts)
         d_text, d_all_image, ds_t2i = _grads(text, all_image, scale, coef, lse_t2i, None, ctx.offset,
                                              True, True, need_s, *ctx.opts)
-        d_image += _reduce_scatter(d_all_image, ctx.group)
-        d_text += _reduce_scatter(d_all_text, ctx.group)
+        d_image += reduce_scatter_rows(d_all_image, ctx.group)
+        d_text += reduce_scatter_rows(d_all_text, ctx.group)
         return (d_image.to(image.dtype), d_text.to(text.dtype), ds_i2t + ds_t2i if need_s else None,
                 None, None, None, None, None)
 
@@ -437,5 +414,5 @@ def distributed_contrastive_loss_triton(image_emb, text_emb, logit_scale, group=
         return contrastive_loss_triton(image_emb, text_emb, logit_scale, tiles=tiles, chunk_rows=chunk_rows)
     image, text = _prepare(image_emb, text_emb)
     scale = _scale(logit_scale, image.device)
-    _, world, offset, _ = _rank_offset_and_total(image.shape[0], group)
+    _, world, offset, _ = rank_offset_and_total(image.shape[0], group)
     return _DistributedContrastiveLoss.apply(image, text, scale, group, offset, world, tiles, chunk_rows)
