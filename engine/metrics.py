@@ -11,6 +11,8 @@
     global_batch       world size x micro-batch: the contrastive batch, i.e. every image is scored
                        against global_batch captions (global_batch - 1 negatives)
     images_per_step    global_batch x gradient accumulation: images per optimizer step
+    skipped_images     unreadable images replaced by the next narrative so far, all ranks (counted
+                       since this process started; DESIGN §2.2)
 
 Losses are averaged over the steps since the previous object (and the accumulation micro-steps).
 On resume the objects after the checkpoint's step are dropped from the file, so that it reads as

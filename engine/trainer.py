@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from loctex.config import Config, save_config
+from loctex.kernels.distributed import shutdown_process_group
 
 from . import checkpoint as ckpt
 from . import ds_config
@@ -165,6 +166,7 @@ class Trainer:
         self.ds = ds
 
         self.data = Data(cfg, self.rank, self.world_size)
+        self.train_loader = None  # set when training starts; read for its skipped-image count
         torch.manual_seed(cfg.seed)  # identical initialization on every rank
         from loctex.models import build_model
         self.model_args = {"vocab_size": self.data.vocab_size, "pad_token_id": self.data.pad_token_id}
@@ -215,6 +217,7 @@ class Trainer:
         """This rank's micro-batches from the checkpointed position on (the loader is infinite and
         deterministic in (seed, position)); keeps ``state.data_position`` / ``state.epoch`` current."""
         loader = self.data.train_loader(self.state.data_position)
+        self.train_loader = loader
         per_epoch = loader.steps_per_epoch
         # the loader may draw worker seeds from the global RNG; keep those draws out of the model's
         # RNG stream so that a resumed run draws what an uninterrupted one does
@@ -289,12 +292,13 @@ class Trainer:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
 
     def _log(self, step: int, sums: torch.Tensor, lrs: dict) -> None:
-        s = sums.clone()
+        skipped = getattr(self.train_loader, "skipped", 0)
+        s = torch.cat([sums, sums.new_tensor([skipped])])
         _dist().all_reduce(s)
         count = max(float(s[3]), 1.0)
         values = {"loss": float(s[0]) / count, "loss_contrastive": float(s[1]) / count,
                   "loss_localization": float(s[2]) / count,
-                  "lr": lrs.get("visual", next(iter(lrs.values())))}
+                  "lr": lrs.get("visual", next(iter(lrs.values()))), "skipped_images": int(s[4])}
         if "textual" in lrs:
             values["lr_text"] = lrs["textual"]
         self.logger.log(step, values)
@@ -324,10 +328,7 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
-        dist = _dist()
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()  # without it gloo threads can abort the exit (ZeRO-2)
+        shutdown_process_group()  # a bare exit can abort in gloo's threads (see its docstring)
 
 
 def _median(xs: list[float]) -> float:

@@ -175,8 +175,9 @@ def test_zero1_bf16_metrics_and_summary(reference_run):
     assert sorted(m) == list(range(1, STEPS + 1))
     for row in m.values():
         for key in ("step", "loss", "loss_contrastive", "loss_localization", "lr", "images_per_s",
-                    "global_batch"):
+                    "global_batch", "skipped_images"):
             assert key in row, key
+        assert row["skipped_images"] == 0  # prepare kept only readable images
         assert math.isfinite(row["loss"]) and row["loss_localization"] > 0
         assert row["loss"] == pytest.approx(row["loss_contrastive"] + row["loss_localization"],
                                             rel=1e-5)

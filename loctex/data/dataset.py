@@ -20,8 +20,9 @@ index            int                   the narrative
 All randomness comes from :func:`loctex.data.augment.sample_decision` of ``(seed, epoch, index)``,
 so samples are identical across worker counts, restarts and backends. A flip swaps left/right in the
 caption and re-tokenizes (windows carried over). An image that is missing or fails to decode is
-counted in ``bad_images``, logged once, and replaced by the next narrative (deterministically),
-never a crash mid-epoch.
+counted, logged once, and replaced by the next narrative (deterministically), never a crash
+mid-epoch. Each DataLoader worker holds its own copy of the data set, so the count lives in shared
+memory with one slot per worker (:meth:`NarrativeDataset.share_skip_counts`); ``skipped`` sums it.
 """
 from __future__ import annotations
 
@@ -101,11 +102,28 @@ class NarrativeDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.augment = G.AugmentConfig.from_data_config(self.cfg)
-        self.bad_images: Counter = Counter()
+        self.bad_images: Counter = Counter()  # path -> skips in this process (logs a path once)
+        self.skip_counts = torch.zeros(1, dtype=torch.int64)  # slot 0: this process
         self._tokenizer = None
 
     def __len__(self) -> int:
         return len(self.packed)
+
+    def share_skip_counts(self, num_workers: int) -> None:
+        """Before the workers start: count skips in shared memory, slot ``1 + worker id`` for each
+        worker (one writer per slot, so no lock), slot 0 for this process."""
+        self.skip_counts = torch.zeros(num_workers + 1, dtype=torch.int64).share_memory_()
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable images replaced so far, over this process and its loader's workers."""
+        return int(self.skip_counts.sum())
+
+    def _count_skip(self, path: str) -> None:
+        self.bad_images[path] += 1
+        info = torch.utils.data.get_worker_info()
+        slot = info.id + 1 if info is not None else 0
+        self.skip_counts[slot if slot < len(self.skip_counts) else 0] += 1
 
     # hooks for other storage (loctex.data.shards.ShardNarrativeDataset reads tar shards)
     @staticmethod
@@ -180,7 +198,7 @@ class NarrativeDataset(torch.utils.data.Dataset):
                 path = str(self.packed.image_path(self.packed.image_index(i)))
                 if path not in self.bad_images:
                     log.warning("skipping unreadable image %s (%s)", path, exc)
-                self.bad_images[path] += 1
+                self._count_skip(path)
                 continue
             sample = self.annotations(i, d)
             sample["image"] = image

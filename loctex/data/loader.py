@@ -70,7 +70,8 @@ def _worker_init(_):
 
 
 class NarrativeLoader:
-    """Iterable of §2.4 batches; ``steps_per_epoch``, ``dataset`` and ``sampler`` are exposed."""
+    """Iterable of §2.4 batches; ``steps_per_epoch``, ``dataset``, ``sampler`` and ``skipped``
+    (unreadable images replaced so far, summed over the workers) are exposed."""
 
     def __init__(self, dataset: NarrativeDataset, sampler: ShardedBatchSampler, num_workers: int,
                  pin_memory: bool | None = None, prefetch_factor: int = 4):
@@ -78,6 +79,7 @@ class NarrativeLoader:
         self.steps_per_epoch = sampler.steps_per_epoch
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
+        dataset.share_skip_counts(num_workers)
         kw = {}
         if num_workers > 0:
             kw = {"persistent_workers": True, "prefetch_factor": prefetch_factor,
@@ -88,6 +90,10 @@ class NarrativeLoader:
 
     def __iter__(self):
         return iter(self.loader)
+
+    @property
+    def skipped(self) -> int:
+        return self.dataset.skipped
 
     def __len__(self) -> int:
         return len(self.sampler)

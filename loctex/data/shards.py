@@ -477,7 +477,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 class ShardLoader:
     """DataLoader over a :class:`ShardStream` with a resumable position (``position`` = batches
-    handed out, counted from step 0 of epoch 0)."""
+    handed out, counted from step 0 of epoch 0) and ``skipped`` (unreadable images replaced so far,
+    summed over the workers)."""
 
     backend = "torch"
 
@@ -489,6 +490,11 @@ class ShardLoader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
         self.position = self.sampler.start_step
+        self.dataset.share_skip_counts(num_workers)
+
+    @property
+    def skipped(self) -> int:
+        return self.dataset.skipped
 
     def state_dict(self) -> dict:
         return {"position": self.position}
