@@ -99,6 +99,9 @@ def test_fast_path_falls_back_on_unusual_formatting():
     (b'{"image_id": 1, "caption": "a", "traces": [[{"x": "a", "y": 0, "t": 0}]]}', "bad_type"),
     (b'{"image_id": 1, "caption": "a", "timed_caption": [{"utterance": 1}]}', "bad_type"),
     (b'[1, 2]', "bad_type"),
+    # prepare stores annotator ids as int32: a larger one is a reject, not a crash of the chunk
+    (b'{"image_id": 1, "caption": "a", "annotator_id": 2147483648, "traces": []}', "bad_value"),
+    (b'{"image_id": 1, "caption": "a", "annotator_id": "-2147483649"}', "bad_value"),
     (b'{"image_id": 1, "caption": "a"', "bad_json"),
     (b'\xff\xfe', "bad_json"),
 ])

@@ -119,6 +119,8 @@ def _validate_common(obj) -> tuple:
     if isinstance(annotator_id, bool) or not isinstance(annotator_id, int):
         raise RecordError("bad_type", f"annotator_id must be an integer, "
                                       f"got {type(annotator_id).__name__}")
+    if not -2**31 <= annotator_id < 2**31:  # stored as int32 (prepare.py's narr_annotator)
+        raise RecordError("bad_value", f"annotator_id {annotator_id} does not fit in 32 bits")
     voice = obj.get("voice_recording", "")
     if not isinstance(voice, str):
         voice = ""
