@@ -108,8 +108,9 @@ def _launch(config: Path, *overrides: str, log: Path) -> subprocess.Popen:
     cmd = [*runner, "--num_gpus", "2", "--master_port", str(_free_port()),
            "engine/launch.py", "--config", str(config), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(log, "w") as out:  # the child has its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def _wait_group(proc: subprocess.Popen, timeout: float) -> None:

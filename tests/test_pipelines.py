@@ -181,7 +181,7 @@ def test_prepare_flags_corrupt_images(corrupt_set, tmp_path):
                      log=lambda *a: None, check_images="structure")
     bad = {Path(p).name: why for p, why in report["missing_image_examples"].items()}
     assert "truncated" in bad["000000000003.jpg"] and "corrupt" in bad["000000000007.jpg"]
-    n_bad = sum(1 for line in open(root / "synth" / "narratives_train.jsonl")
+    n_bad = sum(1 for line in (root / "synth" / "narratives_train.jsonl").read_text().splitlines()
                 if json.loads(line)["image_id"] in (3, 7, "3", "7"))
     assert report["missing_images"] == n_bad
 

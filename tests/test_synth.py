@@ -20,8 +20,10 @@ SHAPE_NOUNS = {"circle", "disk", "square", "box", "triangle", "diamond", "rhombu
 def synth(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     info = generate(out, num_images=300, seed=7)
-    narr = [json.loads(line) for s in ("train", "val") for line in open(out / f"narratives_{s}.jsonl")]
-    grounds = [json.loads(line) for s in ("train", "val") for line in open(out / f"groundings_{s}.jsonl")]
+    def rows(name):
+        return [json.loads(line) for s in ("train", "val")
+                for line in (out / f"{name}_{s}.jsonl").read_text().splitlines()]
+    narr, grounds = rows("narratives"), rows("groundings")
     return out, info, narr, grounds
 
 
