@@ -138,7 +138,9 @@ def is_shard_dir(path) -> bool:
 class ShardStore:
     """Random access to the samples of a shard directory: ``jpeg(i)`` and ``meta(i)``.
 
-    File handles are opened lazily per process (safe to pickle into DataLoader / DALI workers).
+    Shards are opened lazily and read with ``os.pread``, which leaves the file offset alone: forked
+    DataLoader workers can share the parent's descriptors, and a pickled copy (DALI workers) opens
+    its own.
     """
 
     def __init__(self, path):
@@ -154,15 +156,14 @@ class ShardStore:
         counts = np.array([s["num_samples"] for s in self.manifest["shards"]], np.int64)
         self.shard_counts = counts
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._files: dict[int, object] = {}
-        self._pid = None
+        self._fds: dict[int, int] = {}
 
     def __len__(self) -> int:
         return int(self.members.shape[0])
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_files"], state["_pid"] = {}, None
+        state["_fds"] = {}
         state["members"] = None  # re-mapped in the worker
         return state
 
@@ -171,13 +172,14 @@ class ShardStore:
         self.members = np.load(self.path / self.manifest.get("members", MEMBERS), mmap_mode="r")
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
-        if self._pid != os.getpid():  # a forked worker must not share the parent's file offsets
-            self._files, self._pid = {}, os.getpid()
-        f = self._files.get(shard)
-        if f is None:
-            f = self._files[shard] = open(self.path / self.names[shard], "rb")
-        f.seek(offset)
-        return f.read(size)
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.path / self.names[shard], os.O_RDONLY)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"{self.path / self.names[shard]}: short read at byte {offset} "
+                          f"({len(data)} of {size} bytes); was the shard truncated?")
+        return data
 
     def jpeg(self, i: int) -> bytes:
         s, jo, js, _, _ = (int(v) for v in self.members[i])
@@ -188,9 +190,12 @@ class ShardStore:
         return json.loads(self._read(s, mo, ms))
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files = {}
+        fds, self._fds = getattr(self, "_fds", {}), {}  # __del__ after a failed __init__ too
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self):
+        self.close()
 
 
 def iter_tar(path):
