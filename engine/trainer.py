@@ -340,10 +340,12 @@ def _median(xs: list[float]) -> float:
 
 def train(cfg: Config, deepspeed_config: str | None = None) -> int:
     trainer = Trainer(cfg, deepspeed_config)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+    code = trainer.fit()
+    # Not in a `finally`: a rank that raised must not wait at the closing barrier, which the other
+    # ranks may never reach (it would hang until the collective timeout); exiting non-zero lets
+    # the launcher stop the job.
+    trainer.close()
+    return code
 
 
 __all__ = ["Trainer", "train"]

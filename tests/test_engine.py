@@ -474,3 +474,31 @@ def test_contrastive_baseline_config_differs_only_in_the_localization_weight():
     base["loss"].pop("localization_weight")
     assert contrastive.pop("run_dir") != base.pop("run_dir")
     assert contrastive == base
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_failing_rank_skips_the_closing_barrier(monkeypatch, fails):
+    """A rank whose training raises must exit without the closing barrier, which the other ranks
+    may never reach (it would hang there until the collective timeout instead of letting the
+    launcher stop the job); a rank that finished meets the others there."""
+    from loctex.engine import trainer as T
+    closed = []
+
+    class FakeTrainer:
+        def __init__(self, cfg, deepspeed_config=None):
+            pass
+
+        def fit(self):
+            if fails:
+                raise RuntimeError("rank failed")
+            return 0
+
+    FakeTrainer.close = T.Trainer.close  # the real one
+    monkeypatch.setattr(T, "Trainer", FakeTrainer)
+    monkeypatch.setattr(T, "shutdown_process_group", lambda: closed.append(True))
+    if fails:
+        with pytest.raises(RuntimeError, match="rank failed"):
+            T.train(None)
+    else:
+        assert T.train(None) == 0
+    assert closed == ([] if fails else [True])
