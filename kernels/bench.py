@@ -196,8 +196,8 @@ def _steady_cpu_allocator() -> str:
     """Keeps glibc from returning large freed buffers to the system (and mapping them afresh, page
     faults included, at the next call), so that a CPU timing does not depend on which cases ran
     before it in the process: on one thread the reference trace loss measured 26 ms or 46 ms per
-    call on the same machine depending on that alone. Tuned the way jemalloc/tcmalloc behave; returns a note for the
-    report ("" where there is no glibc)."""
+    call on the same machine depending on that alone. Tuned the way jemalloc/tcmalloc behave;
+    returns a note for the report ("" where there is no glibc)."""
     import ctypes
     import ctypes.util
     try:

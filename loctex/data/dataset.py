@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 
 import numpy as np
 import torch
@@ -102,7 +101,7 @@ class NarrativeDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.augment = G.AugmentConfig.from_data_config(self.cfg)
-        self.bad_images: Counter = Counter()  # path -> skips in this process (logs a path once)
+        self.bad_images: set[str] = set()  # paths this process has warned about (once each)
         self.skip_counts = torch.zeros(1, dtype=torch.int64)  # slot 0: this process
         self._tokenizer = None
 
@@ -119,8 +118,7 @@ class NarrativeDataset(torch.utils.data.Dataset):
         """Unreadable images replaced so far, over this process and its loader's workers."""
         return int(self.skip_counts.sum())
 
-    def _count_skip(self, path: str) -> None:
-        self.bad_images[path] += 1
+    def _count_skip(self) -> None:
         info = torch.utils.data.get_worker_info()
         slot = info.id + 1 if info is not None else 0
         self.skip_counts[slot if slot < len(self.skip_counts) else 0] += 1
@@ -197,8 +195,9 @@ class NarrativeDataset(torch.utils.data.Dataset):
             except Exception as exc:  # noqa: BLE001 - any unreadable image is skipped, not fatal
                 path = str(self.packed.image_path(self.packed.image_index(i)))
                 if path not in self.bad_images:
+                    self.bad_images.add(path)
                     log.warning("skipping unreadable image %s (%s)", path, exc)
-                self._count_skip(path)
+                self._count_skip()
                 continue
             sample = self.annotations(i, d)
             sample["image"] = image

@@ -83,9 +83,11 @@ def check_structure(data) -> str | None:
     """Cheap byte-level check (no decode). ``None`` when the file looks complete and well formed."""
     buf = _as_bytes(data)
     info = _walk(buf)
-    if isinstance(info, str):
-        return info
-    scan_start = info[2]
+    return info if isinstance(info, str) else _check_scan(buf, info[2])
+
+
+def _check_scan(buf, scan_start: int) -> str | None:
+    """The entropy-coded part of :func:`check_structure`, from the scan's first byte."""
     # Inside entropy-coded data 0xFF is followed only by a stuffed 0x00, RSTn or fill 0xFF, or by
     # the markers that separate progressive scans (DHT, DQT, SOS, DRI, DNL, APPn, COM); the first
     # EOI ends the image (bytes after it are ignored, as decoders do). No EOI: truncated.
@@ -115,7 +117,11 @@ def check_structure(data) -> str | None:
 
 def check_jpeg(data, trial_decode: bool = True) -> str | None:
     """:func:`check_structure`, then a strict reduced-size trial decode. ``None`` when good."""
-    reason = check_structure(data)
+    buf = _as_bytes(data)
+    info = _walk(buf)  # once: the structure check and the decode size both come from it
+    if isinstance(info, str):
+        return info
+    reason = _check_scan(buf, info[2])
     if reason is not None or not trial_decode:
         return reason
     try:
@@ -123,8 +129,8 @@ def check_jpeg(data, trial_decode: bool = True) -> str | None:
     except ImportError:  # pragma: no cover - simplejpeg is a required dependency
         return _trial_decode_pil(data)
     try:
-        w, h = jpeg_size(data)
-        simplejpeg.decode_jpeg(bytes(_as_bytes(data)), colorspace="RGB", strict=True,
+        w, h = info[0], info[1]
+        simplejpeg.decode_jpeg(bytes(buf), colorspace="RGB", strict=True,
                                min_height=max(1, h // 8), min_width=max(1, w // 8))
     except Exception as exc:  # noqa: BLE001 - any decoder complaint means "bad"
         # libjpeg-turbo's TurboJPEG API cannot decode some colorspaces (CMYK, ...) that PIL can.
@@ -147,18 +153,11 @@ def _trial_decode_pil(data) -> str | None:
     return None
 
 
-def check_image_file(path, level: str = "structure") -> str | None:
-    """What ``loctex prepare --check-images`` runs per image: ``header`` (nothing beyond the size
-    read), ``structure`` (:func:`check_structure` on the whole file) or ``decode`` (plus the trial
-    decode). Non-JPEG files pass unless ``decode`` (then PIL must load them). ``None`` when good."""
-    if level == "header":
-        return None
-    with open(path, "rb") as f:
-        return check_image_bytes(f.read(), level)
-
-
 def check_image_bytes(data: bytes, level: str = "structure") -> str | None:
-    """:func:`check_image_file` on a file's bytes already read."""
+    """What ``loctex prepare --check-images`` runs on each image's bytes: ``header`` (nothing
+    beyond the size read), ``structure`` (:func:`check_structure` on the whole file) or ``decode``
+    (plus the trial decode). Non-JPEG files pass unless ``decode`` (then PIL must load them).
+    ``None`` when good."""
     if level == "header":
         return None
     if data[:2] != b"\xff\xd8":
