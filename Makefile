@@ -11,7 +11,7 @@ NUM_IMAGES ?= 2000
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install -q "setuptools>=70" wheel cmake ninja numpy
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dali]"
 	touch $@
