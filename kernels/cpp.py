@@ -1,19 +1,35 @@
-"""Loader for the C++ CPU ops (kernels/csrc, built by CMakeLists.txt through setup.py).
+"""Loader for the C++ CPU ops (kernels/csrc).
 
-The build is a plain shared library of torch custom ops (namespace ``loctex``), named like the
-extension module ``loctex.kernels._C`` so that setuptools installs it; it has no Python bindings
-and is loaded with ``torch.ops.load_library``. This module adds what the dispatcher needs around
+The ops are a plain shared library of torch custom ops (namespace ``loctex``) with no Python
+bindings, loaded with ``torch.ops.load_library``. Where it comes from, in order:
+
+1. ``loctex.kernels._C``, built ahead of time by ``CMakeLists.txt`` through setup.py when the
+   install can see torch (``pip install --no-build-isolation -e .``, what ``make`` does);
+2. otherwise it is compiled on first use from the sources shipped in the package, with
+   ``torch.utils.cpp_extension`` (ninja), against the torch that is running, and cached under
+   ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in a directory keyed by the
+   torch version, the sources and this CPU, as DeepSpeed's op builder does. So a plain
+   ``pip install .`` (an isolated build, which has no torch to build against) still ends with
+   working ops. ``LOCTEX_JIT_BUILD=0`` turns this off.
+
+This module adds what the dispatcher needs around
 the CPU kernels: fake (meta) implementations for ``torch.compile`` and the render op's autograd
 formula, so the ops compose with both (the loss's autograd is in C++, to keep its per-call overhead
 low). Gradients flow to every floating input (q, k, points_xy, point_weights).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import platform
+import subprocess
+from pathlib import Path
 
 import torch
 
 _state: dict = {}
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 
 
 def _library_path() -> str | None:
@@ -21,18 +37,54 @@ def _library_path() -> str | None:
     return spec.origin if spec is not None and spec.origin else None
 
 
+def _cpu_signature() -> str:
+    """What -march=native depends on: a cache shared by machines with other CPUs (a home
+    directory on a cluster) must not hand one of them instructions it lacks."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def jit_build() -> str:
+    """Compile the ops from ``SOURCE_DIR`` for the running torch and load them; -> library path.
+    Cached: a second call (or process) with the same torch, sources and CPU only loads."""
+    from torch.utils.cpp_extension import load
+
+    sources = sorted(SOURCE_DIR.glob("*.cpp"))
+    if not sources:
+        raise FileNotFoundError(f"no C++ sources in {SOURCE_DIR}")
+    digest = hashlib.sha256(torch.__version__.encode() + _cpu_signature().encode())
+    for path in sorted(SOURCE_DIR.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    flags = ["-O3", "-std=c++20", "-fopenmp", "-march=native"]
+    return load(name=f"loctex_ops_{digest.hexdigest()[:16]}", sources=[str(p) for p in sources],
+                extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
+                verbose=False)
+
+
 def _load() -> bool:
     if "ok" not in _state:
-        path = _library_path()
         try:
-            if path is None:
-                raise FileNotFoundError("loctex.kernels._C is not built")
-            torch.ops.load_library(path)
+            path = _library_path()
+            if path is not None:
+                torch.ops.load_library(path)
+            elif os.environ.get("LOCTEX_JIT_BUILD", "1") == "0":
+                raise FileNotFoundError("loctex.kernels._C is not built and LOCTEX_JIT_BUILD=0")
+            else:
+                path = jit_build()
             _register_python_parts()
-            _state["ok"] = True
-        except (OSError, RuntimeError) as exc:
+            _state["ok"], _state["path"] = True, path
+        except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as exc:
             _state["ok"], _state["error"] = False, exc
     return _state["ok"]
+
+
+def library_path() -> str | None:
+    """The loaded library (None when the ops are not available)."""
+    return _state.get("path") if _load() else None
 
 
 def available() -> bool:

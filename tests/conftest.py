@@ -14,6 +14,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_sessionstart(session):
+    """The C++ CPU ops must be there: without them every CPU op quietly runs the reference and
+    their tests would have nothing to test. LOCTEX_REQUIRE_CPP=0 is for a machine that only runs
+    the GPU kernels (make gpu-check on an image without a compiler)."""
+    import loctex.kernels as K
+    if os.environ.get("LOCTEX_REQUIRE_CPP", "1") != "0" and not K.cpp_available():
+        from loctex.kernels import cpp
+        pytest.exit(f"the LocTex C++ ops are not available ({cpp.load_error()}); "
+                    "build them with `pip install --no-build-isolation -e .`", returncode=3)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of tens of seconds "
                                        "(deselect with -m 'not slow')")
