@@ -80,7 +80,7 @@ def test_non_ascii_captions_align_on_character_offsets():
 
 
 def test_caption_encoder_equals_the_tokenizer():
-    from loctex.data.bench_prepare import coco_like_lines
+    from loctex.synth.coco_like import coco_like_lines
     from loctex.data.tokenizer import CaptionEncoder, train_tokenizer
     import json
     caps = [json.loads(s)["caption"] for s in coco_like_lines(200, points=10)]

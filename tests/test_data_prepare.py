@@ -9,11 +9,12 @@ import torch
 from PIL import Image
 
 from loctex.cli import main as cli
-from loctex.config import Config
+from loctex.config import Config, replace
 from loctex.data import align as A
 from loctex.data.collate import BATCH_KEYS, collate_batch
 from loctex.data.dataset import NarrativeDataset
-from loctex.data.loader import ShardedBatchSampler, build_loader
+from loctex.data.loader import build_loader
+from loctex.data.samplers import RankBatchSampler
 from loctex.data.packed import PackedNarratives
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ln_quirks.jsonl"
@@ -85,12 +86,16 @@ def test_threshold_exit_names_the_file(tmp_path, capsys):
 
 def test_missing_images_are_counted_and_shards_combine(tmp_path):
     images = make_images(tmp_path, ids=(1, 2, 3))
+    # a second shard: the same narratives in another data set id (other bytes, not duplicates)
+    second = tmp_path / "second.jsonl"
+    second.write_text(FIXTURE.read_text().replace('"mscoco_train2017"', '"mscoco_train2017_b"'))
     from loctex.data.prepare import prepare
-    report = prepare([FIXTURE, FIXTURE], images, tmp_path / "out", max_reject_fraction=0.5,
-                     log=lambda *a: None)
-    assert report["read"] == 18 and report["rejected"] == 4
+    report = prepare([FIXTURE, second], images, tmp_path / "out", max_reject_fraction=0.5,
+                     max_missing_fraction=0.5, log=lambda *a: None)
+    assert report["read"] == 18 and report["rejected"] == 4 and report["duplicates"] == 0
     assert report["missing_images"] == 2 * 3   # narratives of images 4, 5, 8
     assert report["kept"] == 2 * 4
+    assert report["files"][str(second)]["missing_fraction"] == round(3 / 7, 6)
     assert len(PackedNarratives(tmp_path / "out")) == 8
 
 
@@ -108,9 +113,7 @@ def test_tokenizer_cli(tmp_path):
 
 
 def test_collate_batch_contract(prepared):
-    cfg = Config().data
-    cfg.image_size = 64
-    cfg.window_pad_s = 0.1
+    cfg = replace(Config(), {"data.image_size": 64, "data.window_pad_s": 0.1}).data
     ds = NarrativeDataset(prepared, cfg, train=False)
     batch = collate_batch([ds[i] for i in range(len(ds))])
     assert tuple(batch) == BATCH_KEYS
@@ -148,8 +151,7 @@ def test_collate_batch_contract(prepared):
 
 
 def test_training_samples_follow_the_decision(prepared):
-    cfg = Config().data
-    cfg.image_size = 48
+    cfg = replace(Config(), {"data.image_size": 64}).data
     ds = NarrativeDataset(prepared, cfg, train=True, seed=3)
     for i in range(len(ds)):
         s = ds[(i, 5)]
@@ -164,20 +166,17 @@ def test_training_samples_follow_the_decision(prepared):
 
 def test_loader_sharding_and_resume(prepared):
     n, B, W = 7, 2, 2
-    full = [b for b in ShardedBatchSampler(n, B * W, 0, 1, seed=4, epochs=3)]
-    ranks = [list(ShardedBatchSampler(n, B, r, W, seed=4, epochs=3)) for r in range(W)]
+    full = [b for b in RankBatchSampler(n, B * W, 0, 1, seed=4, epochs=3)]
+    ranks = [list(RankBatchSampler(n, B, r, W, seed=4, epochs=3)) for r in range(W)]
     assert len(ranks[0]) == len(ranks[1]) == 3 * (n // (B * W))
     for step, global_batch in enumerate(full):
         assert ranks[0][step] + ranks[1][step] == global_batch
-    resumed = list(ShardedBatchSampler(n, B, 1, W, seed=4, epochs=3, start_step=2))
+    resumed = list(RankBatchSampler(n, B, 1, W, seed=4, epochs=3, start_step=2))
     assert resumed == ranks[1][2:]
-    cfg = Config()
-    cfg.data.prepared = str(prepared)
-    cfg.data.image_size = 32
-    cfg.train.micro_batch_size = 2
-    cfg.data.num_workers = 0
+    cfg = replace(Config(), {"data.prepared": str(prepared), "data.image_size": 32,
+                             "train.micro_batch_size": 2, "data.num_workers": 0})
     b0 = [next(iter(build_loader(cfg, rank=r, world_size=2))) for r in range(2)]
-    cfg.data.num_workers = 2
+    cfg = replace(cfg, {"data.num_workers": 2})
     b1 = [next(iter(build_loader(cfg, rank=r, world_size=2))) for r in range(2)]
     for x, y in zip(b0, b1):  # same batches whatever the number of workers
         for k in BATCH_KEYS:

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loctex.data.bench_prepare import coco_like_lines
 from loctex.data.records import Narrative, RecordError, parse_csv_numbers, parse_line, parse_lines
+from loctex.synth.coco_like import coco_like_lines
 
 # A copy of ../shared/fixtures/ln_quirks.jsonl (and its README with the expected outcomes).
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ln_quirks.jsonl"
@@ -150,3 +150,20 @@ def test_nan_and_inf_points_are_dropped():
     assert r.points.tolist() == [[0.5, 0.5, 2.0]] and r.points_dropped == 2
     assert r.repairs == ["nonfinite_points_dropped"]
     assert not math.isnan(r.points.sum())
+
+
+@pytest.mark.parametrize("parse", [parse_line, lambda raw: parse_lines([raw])[0]])
+def test_values_beyond_float32_are_dropped_and_counted(parse):
+    """Finite in JSON, inf once stored as float32: dropped like NaN, under their own reason."""
+    line = (b'{"image_id": "9", "caption": "a big cat", "timed_caption": ['
+            b'{"utterance": "a", "start_time": 0, "end_time": 0.5}, '
+            b'{"utterance": "big", "start_time": 0.5, "end_time": 1e39}, '
+            b'{"utterance": "cat", "start_time": 1, "end_time": 1.5}], '
+            b'"traces": [[{"x": 1e39, "y": 0, "t": 0}, {"x": 0.5, "y": -4e38, "t": 1}, '
+            b'{"x": 0.5, "y": 0.5, "t": 2}, {"x": 0.25, "y": 0.5, "t": 3.4e38}]]}')
+    r = parse(line)
+    assert r.points.tolist() == [[0.5, 0.5, 2.0], [0.25, 0.5, 3.4e38]] and r.points_dropped == 2
+    assert r.utterance_texts == ["a", "cat"]
+    assert r.repairs == ["out_of_range_utterances_dropped", "out_of_range_points_dropped"]
+    assert np.isfinite(r.points.astype(np.float32)).all()
+    assert np.isfinite(r.utterance_times.astype(np.float32)).all()

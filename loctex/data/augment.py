@@ -1,11 +1,10 @@
-"""The sample source's randomness and the geometry it implies (issue 2 item 6, issue 6 item 1).
+"""The sample source's randomness and the geometry it implies, and the image normalization.
 
 All randomness of a training sample is one pure function, :func:`sample_decision`, of
 ``(seed, epoch, index)`` and the image's aspect ratio: a random resized crop box in normalized
 coordinates of the source image, a horizontal flip, and color-jitter factors. Nothing depends on
 worker ids, call order or the image library, so a resumed run, any number of DataLoader workers, and
-another backend (the DALI pipeline of issue 6 consumes the same :class:`Decision` arrays through
-:func:`decisions_to_arrays`) all see identical decisions.
+another backend (the DALI pipeline consumes the same :class:`Decision`) all see identical decisions.
 
 Geometry. A crop box ``(x0, y0, w, h)`` (fractions of the source width/height) is resized to the
 output square, so a point at normalized source position ``(x, y)`` lands at
@@ -18,24 +17,32 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
+from loctex.config import DataConfig
+
+# The normalization every backbone input gets (training, validation, evaluation, both backends):
+# the statistics torchvision's ImageNet weights expect, so transferred backbones see familiar inputs.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    crop_scale_min: float = 0.5       # random resized crop: smallest area fraction kept
+    """The augmentation of :func:`sample_decision`. The tunable parts come from ``DataConfig``
+    (``data.crop_scale_min``, ``data.flip_prob``, ``data.color_jitter``; their defaults live
+    there); the crop's upper area and aspect-ratio range are torchvision's fixed ones."""
+    crop_scale_min: float             # random resized crop: smallest area fraction kept
+    flip_prob: float
+    color_jitter: float               # brightness/contrast/saturation factors in [1-j, 1+j]
     crop_scale_max: float = 1.0
     crop_ratio: tuple = (3 / 4, 4 / 3)  # output-pixel aspect ratio range of the crop
-    flip_prob: float = 0.5
-    color_jitter: float = 0.2         # brightness/contrast/saturation factors in [1-j, 1+j]
 
     @classmethod
-    def from_data_config(cls, data) -> "AugmentConfig":
+    def from_data_config(cls, data: DataConfig | None = None) -> "AugmentConfig":
+        data = DataConfig() if data is None else data
         return cls(crop_scale_min=data.crop_scale_min, flip_prob=data.flip_prob,
                    color_jitter=data.color_jitter)
 
@@ -68,11 +75,14 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def sample_decision(seed: int, epoch: int, index: int, image_wh: tuple[int, int],
-                    cfg: AugmentConfig = AugmentConfig(), train: bool = True) -> Decision:
+                    cfg: AugmentConfig | None = None, train: bool = True) -> Decision:
     """The decision for sample ``index`` in ``epoch``; ``train=False`` gives the identity (the
-    whole image, resized). ``image_wh`` is the source size (from the prepared image table)."""
+    whole image, resized). ``image_wh`` is the source size (from the prepared image table);
+    ``cfg`` defaults to the ``DataConfig`` defaults."""
     if not train:
         return IDENTITY
+    if cfg is None:
+        cfg = AugmentConfig.from_data_config()
     rng = sample_rng(seed, epoch, index)
     u = rng.random(16)
     W, H = max(1, image_wh[0]), max(1, image_wh[1])
@@ -96,14 +106,6 @@ def sample_decision(seed: int, epoch: int, index: int, image_wh: tuple[int, int]
     j = cfg.color_jitter
     b, c, s = (1.0 - j + 2 * j * u[13], 1.0 - j + 2 * j * u[14], 1.0 - j + 2 * j * u[15])
     return Decision(float(x0), float(y0), float(w), float(h), flip, float(b), float(c), float(s))
-
-
-def decisions_to_arrays(decisions) -> dict[str, np.ndarray]:
-    """A batch of decisions as arrays (for other backends): crop float32 [B,4] (x0, y0, w, h),
-    flip bool [B], jitter float32 [B,3] (brightness, contrast, saturation)."""
-    rows = np.array([astuple(d) for d in decisions], np.float64).reshape(-1, 8)
-    return {"crop": rows[:, :4].astype(np.float32), "flip": rows[:, 4] > 0.5,
-            "jitter": rows[:, 5:8].astype(np.float32)}
 
 
 # ------------------------------------------------------------------------------------------------

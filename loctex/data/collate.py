@@ -10,6 +10,10 @@ point_weights      float32 [P]
 token_ranges       int32 [B,L,2]         ``[start, end)`` into ``points_xy`` (batch-global);
                                          padding rows are [0, 0]
 loc_mask           bool [B,L]            token has a window and at least one point
+index              int64 [B]             the narrative each row holds: its index in the data set
+                                         the loader reads, the one actually loaded after any
+                                         bad-image replacement (retrieval positives and
+                                         localization targets come from it)
 =================  ====================  ====================================================
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 BATCH_KEYS = ("images", "tokens", "attention_mask", "points_xy", "point_weights", "token_ranges",
-              "loc_mask")
+              "loc_mask", "index")
 
 
 def collate_batch(samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -51,4 +55,5 @@ def collate_batch(samples: list[dict]) -> dict[str, torch.Tensor]:
         "point_weights": torch.from_numpy(np.concatenate(w) if w else np.zeros(0, np.float32)),
         "token_ranges": torch.from_numpy(ranges),
         "loc_mask": torch.from_numpy(loc),
+        "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.int64),
     }

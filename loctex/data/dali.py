@@ -2,9 +2,9 @@
 
 One sample source, two backends. :class:`DaliSampleSource` is a stateless callable that DALI's
 parallel ``external_source`` runs in Python worker processes, one call per sample. For sample ``j``
-of iteration ``k`` it takes the narrative index and epoch from the torch path's own
-:class:`~loctex.data.loader.ShardedBatchSampler` arithmetic (same order, same per-rank sharding,
-same resume point), the decision from :func:`loctex.data.augment.sample_decision` (crop box, flip,
+of iteration ``k`` it takes the narrative index and epoch from the torch path's own batch sampler
+(:meth:`~loctex.data.samplers.EpochBatchSampler.batch`: same order, same per-rank sharding, same
+resume point), the decision from :func:`loctex.data.augment.sample_decision` (crop box, flip,
 jitter factors), and the tokens / traces / token ranges from
 :meth:`NarrativeDataset.annotations <loctex.data.dataset.NarrativeDataset.annotations>` - the very
 code the torch path runs - and hands DALI the *encoded* JPEG bytes plus the decision as small
@@ -26,9 +26,16 @@ The graph mirrors :func:`augment.apply_to_image`, :func:`augment.color_jitter_` 
 
 Bad images (DESIGN §2.2). The source runs :func:`loctex.data.jpeg.check_structure` on the bytes
 (no decode, tens of µs) and, like the torch data set, replaces a missing or malformed image by the
-next narrative, counting the skip; the decoder therefore never sees them. Should a decode still
-fail inside DALI, the loader trial-decodes that batch's images on the CPU, adds the culprits to the
-skip list, rebuilds the pipeline at the same batch and goes on: a bad image never ends a run.
+next narrative (:meth:`NarrativeDataset.candidates <loctex.data.dataset.NarrativeDataset.candidates>`),
+counting the skip; the decoder therefore never sees them, and the batch's ``index`` names the
+narrative loaded. Should a decode still fail inside DALI, the loader trial-decodes that batch's
+images on the CPU, adds the culprits to the skip list, rebuilds the pipeline at the same batch and
+goes on: a bad image never ends a run. A scan whose bytes are well formed but whose data is corrupt
+is caught by the torch path's strict decode, not by the byte check: DALI's decoder may paint it.
+
+The Python feeder workers start with SIGTERM/SIGINT blocked and filter them from their first sample
+on (:mod:`loctex.data.workers`): a scheduler's signal to the process group stops the rank, not its
+workers.
 
 CPU-only mode (``device_id=None``, every operator on the CPU) is what the tests run; it needs no
 GPU and no CUDA driver.
@@ -38,17 +45,18 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 from collections import Counter
 
 import numpy as np
 import torch
 
 from loctex.data import augment as G
+from loctex.data.collate import collate_batch
 from loctex.data.jpeg import check_jpeg, check_structure
+from loctex.data.workers import filter_stop_signals, stop_signals_blocked
 
 log = logging.getLogger(__name__)
-
-_MAX_TRIES = 16  # as NarrativeDataset.__getitem__: consecutive bad images before giving up
 
 
 def dali_available() -> bool:
@@ -85,12 +93,12 @@ class DaliSampleSource:
 
     def __init__(self, dataset, sampler, total_steps: int | None, skip: frozenset = frozenset()):
         self.dataset = dataset          # NarrativeDataset (or a subclass, e.g. over shards)
-        self.sampler = sampler          # ShardedBatchSampler: order(), steps, rank, batch size
+        self.sampler = sampler          # an EpochBatchSampler: batch(epoch, k), start_step
         self.total_steps = total_steps  # None: infinite
         self.skip = frozenset(skip)     # narratives whose image failed inside DALI before
-        self.offset = 0                 # batches already produced by earlier pipelines
-        self._orders: dict[int, np.ndarray] = {}
+        self.offset = 0                 # batches produced by the pipelines this one replaces
         self._placeholder = None
+        self._loader_pid = os.getpid()  # calls from another process come from a DALI worker
 
     def __getstate__(self):
         # Spawned workers get a recipe, not the data set: pickling its memory maps would copy them.
@@ -99,7 +107,7 @@ class DaliSampleSource:
         state["dataset"] = None
         state["_dataset_spec"] = (type(ds), str(ds.packed.dir), ds.cfg, ds.train, ds.seed,
                                   getattr(ds.packed, "image_root", None))
-        state["_orders"], state["_placeholder"] = {}, None
+        state["_placeholder"] = None
         return state
 
     def __setstate__(self, state):
@@ -119,15 +127,8 @@ class DaliSampleSource:
         iteration += self.offset
         if self.total_steps is not None and iteration >= self.total_steps:
             return None
-        epoch, k = divmod(s.start_step + iteration, s.steps_per_epoch)
-        if hasattr(s, "batch"):  # ShardBatchSampler: per-rank shard order
-            return int(s.batch(epoch, k)[idx_in_batch]), epoch
-        order = self._orders.get(epoch)
-        if order is None:
-            self._orders = {epoch: s.order(epoch)}  # one epoch at a time is enough
-            order = self._orders[epoch]
-        lo = k * s.batch_size * s.world_size + s.rank * s.batch_size + idx_in_batch
-        return int(order[lo]), epoch
+        epoch, k = s.position(s.start_step + iteration)
+        return int(s.batch(epoch, k)[idx_in_batch]), epoch
 
     def _image_bytes(self, i: int):
         packed = self.dataset.packed
@@ -145,8 +146,8 @@ class DaliSampleSource:
         ds = self.dataset
         n = len(ds)
         skipped = 0
-        for attempt in range(_MAX_TRIES):
-            i = (index + attempt) % n
+        for candidate in ds.candidates(index):
+            i = candidate % n
             if i in self.skip:
                 skipped += 1
                 continue
@@ -167,7 +168,8 @@ class DaliSampleSource:
         if self._placeholder is None:
             self._placeholder = _placeholder_jpeg()
         ann = ds.annotations(index, G.IDENTITY)
-        return self._pack(self._placeholder, G.IDENTITY, 8, 8, ann, -1, skipped)
+        # index -1 - index: no narrative loaded, and which sample gave up
+        return self._pack(self._placeholder, G.IDENTITY, 8, 8, ann, -1 - index, skipped)
 
     @staticmethod
     def _pack(data, d: G.Decision, W: int, H: int, ann: dict, index: int, skipped: int) -> tuple:
@@ -190,6 +192,8 @@ class DaliSampleSource:
                 np.array(index, np.int64), np.array(skipped, np.int32))
 
     def __call__(self, info):
+        if os.getpid() != self._loader_pid:
+            filter_stop_signals()
         pos = self.position(info.iteration, info.idx_in_batch)
         if pos is None:
             raise StopIteration
@@ -298,10 +302,11 @@ class DaliLoader:
         self.close()
         source = DaliSampleSource(self.dataset, self.sampler, self.total_steps, frozenset(self._skip))
         source.offset = offset
-        pipe = build_pipeline(source, self.sampler.batch_size, self.image_size, self.device_id,
-                              self.num_threads, self.py_workers, self.prefetch,
-                              seed=self.sampler.seed)
-        pipe.build()
+        with stop_signals_blocked():  # the Python workers start here
+            pipe = build_pipeline(source, self.sampler.batch_size, self.image_size,
+                                  self.device_id, self.num_threads, self.py_workers, self.prefetch,
+                                  seed=self.sampler.seed)
+            pipe.build()
         self._pipe = pipe
         return pipe
 
@@ -315,15 +320,13 @@ class DaliLoader:
         return out
 
     def _batch(self, outs) -> dict:
-        from loctex.data.collate import collate_batch
         images, tokens, points, weights, ranges, loc, index, skipped = outs
         images = self._to_torch_images(images)
         samples = []
         for j in range(len(tokens)):
             i = int(np.asarray(index.at(j)))
             if i < 0:
-                raise RuntimeError(f"{_MAX_TRIES} consecutive unreadable images; see "
-                                   f"{self.dataset.packed.image_root if hasattr(self.dataset.packed, 'image_root') else self.dataset.packed.dir}")
+                raise self.dataset.give_up(-1 - i)
             n_skip = int(np.asarray(skipped.at(j)))
             if n_skip:
                 self.skipped += n_skip
@@ -333,7 +336,7 @@ class DaliLoader:
                             "points_xy": np.array(points.at(j)),
                             "point_weights": np.array(weights.at(j)),
                             "token_ranges": np.array(ranges.at(j)),
-                            "loc_mask": np.array(loc.at(j))})
+                            "loc_mask": np.array(loc.at(j)), "index": i})
         return collate_batch(samples)
 
     def _find_culprits(self, produced: int) -> set[int]:
@@ -346,8 +349,8 @@ class DaliLoader:
                 pos = source.position(it, j)
                 if pos is None:
                     break
-                for attempt in range(_MAX_TRIES):
-                    i = (pos[0] + attempt) % len(self.dataset)
+                for candidate in self.dataset.candidates(pos[0]):
+                    i = candidate % len(self.dataset)
                     try:
                         data = source._image_bytes(i)
                     except OSError:

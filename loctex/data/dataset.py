@@ -14,15 +14,20 @@ point_weights    float32 [P]           time to the next point of the segment, ca
 token_ranges     int32 [L,2]           ``[start, end)`` into this sample's points (time-sorted)
                                        of each token's padded, lag-shifted window
 loc_mask         bool [L]              the token has a window and at least one point
-index            int                   the narrative
+index            int                   the narrative loaded (after any bad-image replacement)
 ===============  ====================  ========================================================
 
 All randomness comes from :func:`loctex.data.augment.sample_decision` of ``(seed, epoch, index)``,
 so samples are identical across worker counts, restarts and backends. A flip swaps left/right in the
-caption and re-tokenizes (windows carried over). An image that is missing or fails to decode is
-counted, logged once, and replaced by the next narrative (deterministically), never a crash
-mid-epoch. Each DataLoader worker holds its own copy of the data set, so the count lives in shared
-memory with one slot per worker (:meth:`NarrativeDataset.share_skip_counts`); ``skipped`` sums it.
+caption and re-tokenizes (windows carried over).
+
+Unreadable images (DESIGN §2.2). An image that is missing, cannot be read, or does not decode
+strictly (:func:`loctex.data.jpeg.decode_strict`: corrupt scan data counts) is counted, logged once,
+and replaced by the next narrative (:meth:`NarrativeDataset.candidates`), never a crash mid-epoch;
+``index`` names the narrative actually loaded. Only image read and decode errors are replaced: any
+other error (a bad ``data.image_size``, a bug) propagates with its own message. Each DataLoader
+worker holds its own copy of the data set, so the count lives in shared memory with one slot per
+worker (:meth:`NarrativeDataset.share_skip_counts`); ``skipped`` sums it.
 """
 from __future__ import annotations
 
@@ -35,10 +40,19 @@ import torch
 from loctex.config import DataConfig
 from loctex.data import align as A
 from loctex.data import augment as G
+from loctex.data.jpeg import BadImage, check_structure, decode_strict, jpeg_size
 from loctex.data.packed import PackedNarratives
 from loctex.data.tokenizer import CLS_ID, SEP_ID
 
 log = logging.getLogger(__name__)
+
+# Consecutive unreadable images tolerated before a sample gives up: more means a broken image root
+# or storage, not damaged files.
+MAX_IMAGE_TRIES = 16
+
+
+class UnreadableImages(RuntimeError):
+    """Every candidate of a sample had an unreadable image."""
 
 
 def point_weights(point_dt: np.ndarray, cap_s: float) -> np.ndarray:
@@ -60,33 +74,42 @@ def _read_bytes(src) -> bytes:
 def load_image(src, d: G.Decision, size: int, reduced_decode: bool = True):
     """Read ``src`` (a path or a file object), decode, crop/resize/flip: a PIL RGB image.
 
-    JPEGs decode through libjpeg-turbo (simplejpeg) at the smallest DCT scale N/8 whose crop still
-    has >= ``size`` pixels each way (``reduced_decode``; issue 6), placing the crop box by that
-    exact scale; other formats, or JPEGs simplejpeg cannot take (CMYK, ...), go through PIL (with
-    ``draft``). Raises on an unreadable image."""
+    JPEGs decode strictly through libjpeg-turbo (:func:`loctex.data.jpeg.decode_strict`) at the
+    smallest DCT scale N/8 whose crop still has >= ``size`` pixels each way (``reduced_decode``),
+    placing the crop box by that exact scale; other formats, and JPEG colour formats libjpeg-turbo's
+    API cannot take (CMYK, ...), go through PIL (with ``draft``). Raises OSError (reading) or
+    :class:`~loctex.data.jpeg.BadImage` (decoding) for an unreadable image; errors of the crop
+    itself (say ``size`` 0) are not image errors and keep their own type."""
+    img, source_size = _decode(_read_bytes(src), d, size, reduced_decode)
+    return G.apply_to_image(img, d, size, source_size=source_size)
+
+
+def _decode(data: bytes, d: G.Decision, size: int, reduced_decode: bool):
+    """(PIL image, full-resolution (width, height)); raises BadImage."""
     import io
 
     from PIL import Image
 
-    data = _read_bytes(src)
     need = (max(1, math.ceil(size / max(d.w, 1e-6))), max(1, math.ceil(size / max(d.h, 1e-6))))
     if data[:2] == b"\xff\xd8":
-        try:
-            import simplejpeg
-            H, W, _, _ = simplejpeg.decode_jpeg_header(data)
-            kw = {"min_width": min(need[0], W), "min_height": min(need[1], H)} \
-                if reduced_decode else {}
-            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", **kw)
-        except (ImportError, ValueError, RuntimeError):
-            arr = None  # PIL below decides (and raises for a truly bad file)
+        W, H = jpeg_size(data)
+        kw = {"min_width": min(need[0], W), "min_height": min(need[1], H)} \
+            if reduced_decode else {}
+        arr = decode_strict(data, **kw)
         if arr is not None:
-            return G.apply_to_image(Image.fromarray(arr), d, size, source_size=(W, H))
-    with Image.open(io.BytesIO(data)) as im:
-        W, H = im.size
-        if reduced_decode and im.format == "JPEG" and need[0] < W and need[1] < H:
-            im.draft("RGB", need)  # PIL picks the largest 1/2^k reduction above the request
-        im.load()
-        return G.apply_to_image(im, d, size, source_size=(W, H))
+            return Image.fromarray(arr), (W, H)
+        reason = check_structure(data)  # PIL decodes corrupt scans without a word
+        if reason is not None:
+            raise BadImage(reason)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            W, H = im.size
+            if reduced_decode and im.format == "JPEG" and need[0] < W and need[1] < H:
+                im.draft("RGB", need)  # PIL picks the largest 1/2^k reduction above the request
+            im.load()
+            return im.copy() if im.mode == "RGB" else im.convert("RGB"), (W, H)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadImage(f"decode failed ({exc})") from None
 
 
 class NarrativeDataset(torch.utils.data.Dataset):
@@ -184,15 +207,27 @@ class NarrativeDataset(torch.utils.data.Dataset):
         G.color_jitter_(x, d)
         return G.normalize_(x)
 
+    def candidates(self, index: int) -> range:
+        """The narratives tried for sample ``index``, in order: itself, then the next ones
+        (wrapping around), ``MAX_IMAGE_TRIES`` in all; the first with a readable image is loaded.
+        Every backend replaces bad images this way."""
+        return range(index, index + MAX_IMAGE_TRIES)
+
+    def give_up(self, index: int) -> UnreadableImages:
+        root = getattr(self.packed, "image_root", None) or self.packed.dir
+        return UnreadableImages(f"{MAX_IMAGE_TRIES} consecutive unreadable images from narrative "
+                                f"{index}; see {root}")
+
     def __getitem__(self, key) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, None)
         index = int(index)
-        for attempt in range(16):
-            i = (index + attempt) % len(self)
+        n = len(self)
+        for candidate in self.candidates(index):
+            i = candidate % n
             d = self.decision(i, epoch)
             try:
                 image = self.image(i, d)
-            except Exception as exc:  # noqa: BLE001 - any unreadable image is skipped, not fatal
+            except (OSError, BadImage) as exc:
                 path = str(self.packed.image_path(self.packed.image_index(i)))
                 if path not in self.bad_images:
                     self.bad_images.add(path)
@@ -203,5 +238,4 @@ class NarrativeDataset(torch.utils.data.Dataset):
             sample["image"] = image
             sample["index"] = i
             return sample
-        raise RuntimeError(f"16 consecutive unreadable images from narrative {index}; "
-                           f"see {self.packed.image_root}")
+        raise self.give_up(index)

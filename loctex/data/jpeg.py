@@ -9,6 +9,10 @@ Two levels, because they cost very different amounts:
   which still entropy-decodes every block). ``loctex prepare`` runs it once per image.
 
 Both return ``None`` for a good file and a short reason string otherwise; neither raises.
+
+Strict decoding (:func:`decode_strict`) is what the torch data set uses too: libjpeg recovers from
+corrupt scan data with a warning and paints the rest of the image grey, which would train as a real
+picture. A warning therefore makes the image unreadable (:class:`BadImage`), like a decode error.
 """
 from __future__ import annotations
 
@@ -115,6 +119,26 @@ def _check_scan(buf, scan_start: int) -> str | None:
     return None
 
 
+def decode_strict(data, min_width: int = 0, min_height: int = 0) -> np.ndarray | None:
+    """Decode a JPEG with libjpeg-turbo (simplejpeg) at the smallest DCT scale N/8 that keeps at
+    least ``min_width`` x ``min_height`` pixels: RGB uint8 [H, W, 3]. Raises :class:`BadImage` on
+    a decode error *or warning* (corrupt scan data); returns None when libjpeg-turbo's TurboJPEG
+    API cannot take the JPEG's colour format (CMYK, unusual subsampling), for PIL to decode."""
+    import simplejpeg
+    try:
+        return simplejpeg.decode_jpeg(bytes(_as_bytes(data)), colorspace="RGB", strict=True,
+                                      min_width=min_width, min_height=min_height)
+    except (ValueError, RuntimeError) as exc:
+        if _unsupported_format(exc):
+            return None
+        raise BadImage(f"decode failed ({exc})") from None
+
+
+def _unsupported_format(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "colorspace" in text or "subsampling" in text
+
+
 def check_jpeg(data, trial_decode: bool = True) -> str | None:
     """:func:`check_structure`, then a strict reduced-size trial decode. ``None`` when good."""
     buf = _as_bytes(data)
@@ -124,20 +148,12 @@ def check_jpeg(data, trial_decode: bool = True) -> str | None:
     reason = _check_scan(buf, info[2])
     if reason is not None or not trial_decode:
         return reason
+    w, h = info[0], info[1]
     try:
-        import simplejpeg
-    except ImportError:  # pragma: no cover - simplejpeg is a required dependency
-        return _trial_decode_pil(data)
-    try:
-        w, h = info[0], info[1]
-        simplejpeg.decode_jpeg(bytes(buf), colorspace="RGB", strict=True,
-                               min_height=max(1, h // 8), min_width=max(1, w // 8))
-    except Exception as exc:  # noqa: BLE001 - any decoder complaint means "bad"
-        # libjpeg-turbo's TurboJPEG API cannot decode some colorspaces (CMYK, ...) that PIL can.
-        if "colorspace" in str(exc).lower() or "subsampling" in str(exc).lower():
-            return _trial_decode_pil(data)
-        return f"decode failed ({exc})"
-    return None
+        arr = decode_strict(buf, min_width=max(1, w // 8), min_height=max(1, h // 8))
+    except BadImage as exc:
+        return str(exc)
+    return _trial_decode_pil(data) if arr is None else None
 
 
 def _trial_decode_pil(data) -> str | None:

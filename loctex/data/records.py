@@ -5,12 +5,15 @@ stable code (``bad_json``, ``missing_caption``, ``missing_image_id``, ``bad_type
 Repairs never reject: they are listed in ``Narrative.repairs`` by reason code:
 
 * ``nonfinite_points_dropped`` — points with a NaN/inf coordinate or time are dropped;
+* ``out_of_range_points_dropped`` — points with a finite coordinate or time beyond the float32 range
+  (stored as float32, it would become inf) are dropped;
 * ``unsorted_t_sorted`` — points of a segment whose ``t`` goes backwards are sorted by ``t``;
 * ``segments_overlap_sorted`` — segments that overlap in time are merged in time order (every point
   keeps its segment id), so a time window always selects a contiguous range of points;
 * ``empty_traces`` / ``missing_traces`` — ``traces: []`` or no ``traces`` key: the narrative is kept
   without localization targets;
 * ``bad_utterances_dropped`` — utterances with non-finite times are dropped;
+  ``out_of_range_utterances_dropped`` — likewise times beyond the float32 range;
   ``utterance_times_swapped`` — ``start_time > end_time`` is swapped.
 
 Speed. A COCO narrative is ~20 KB of JSON, most of it ~1,500 trace numbers; CPython parses a float
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,6 +138,13 @@ def _validate_common(obj) -> tuple:
 
 _NUM_TYPES = {int, float}
 _EMPTY_TIMES = np.zeros((0, 2), np.float64)
+# Coordinates and times are stored as float32: a larger finite value would become inf there.
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _beyond_float32(a: np.ndarray) -> np.ndarray:
+    """Rows of ``a`` with a finite value that float32 cannot hold."""
+    return (np.isfinite(a) & (np.abs(a) > _F32_MAX)).any(axis=1)
 
 
 def _utterances(timed: list, repairs: list) -> tuple[list, np.ndarray]:
@@ -158,11 +167,13 @@ def _utterances(timed: list, repairs: list) -> tuple[list, np.ndarray]:
                 raise RecordError("bad_type", f"timed_caption[{i}] needs utterance (string), "
                                               f"start_time and end_time (numbers)")
     times = np.array((starts, ends), np.float64).T
-    if not np.isfinite(times).all():
-        finite = np.isfinite(times).all(axis=1)
-        repairs.append("bad_utterances_dropped")
-        texts = [t for t, f in zip(texts, finite) if f]
-        times = times[finite]
+    if not (np.abs(times) <= _F32_MAX).all():  # one pass for the common case; NaN fails it too
+        for reason, bad in (("bad_utterances_dropped", ~np.isfinite(times).all(axis=1)),
+                            ("out_of_range_utterances_dropped", _beyond_float32(times))):
+            if bad.any():
+                repairs.append(reason)
+                texts = [t for t, b in zip(texts, bad) if not b]
+                times = times[~bad]
     swap = times[:, 0] > times[:, 1]
     if swap.any():
         repairs.append("utterance_times_swapped")
@@ -199,11 +210,13 @@ def _repair_points(pts: np.ndarray, segs: np.ndarray, repairs: list) -> tuple:
     dropped = 0
     if len(pts) == 0:
         return pts, segs, 0
-    finite = np.isfinite(pts).all(axis=1)
-    if not finite.all():
-        dropped = int((~finite).sum())
-        pts, segs = pts[finite], segs[finite]
-        repairs.append("nonfinite_points_dropped")
+    if not (np.abs(pts) <= _F32_MAX).all():  # one pass for the common case; NaN fails it too
+        for reason, bad in (("nonfinite_points_dropped", ~np.isfinite(pts).all(axis=1)),
+                            ("out_of_range_points_dropped", _beyond_float32(pts))):
+            if bad.any():
+                dropped += int(bad.sum())
+                pts, segs = pts[~bad], segs[~bad]
+                repairs.append(reason)
         if len(pts) == 0:
             return _EMPTY_POINTS, _EMPTY_SEGS, dropped
     t = pts[:, 2]
@@ -498,17 +511,26 @@ def _parse_group(lines, fast, bufs, out) -> None:
                            segs[s:e], voice, repairs, 0, dt[s:e])
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def iter_lines(path, chunk_lines: int = 256):
-    """Stream a JSON Lines file in chunks: yields lists of (line_number, raw bytes); 1-based,
-    blank lines skipped (they are not records). ``raw`` keeps its line ending (no 20 KB copy per
-    line; JSON ignores it)."""
+    """Stream a JSON Lines file in chunks: yields lists of (line_number, byte_offset, raw bytes);
+    1-based, blank lines skipped (they are not records). ``raw`` keeps its line ending (no 20 KB
+    copy per line; JSON ignores it). A UTF-8 byte-order mark at the start of the file (editors on
+    Windows write one) is not part of the first record: it is skipped."""
     chunk = []
+    offset = 0
     # A 1 MiB buffer: with the default 8 KiB one, each ~20 KB line costs several reads and joins.
     with open(path, "rb", buffering=1 << 20) as f:
         for lineno, raw in enumerate(f, 1):
-            if raw.isspace():
+            start = offset
+            offset += len(raw)
+            if lineno == 1 and raw.startswith(_BOM):
+                raw, start = raw[len(_BOM):], start + len(_BOM)
+            if raw.isspace() or not raw:
                 continue
-            chunk.append((lineno, raw))
+            chunk.append((lineno, start, raw))
             if len(chunk) >= chunk_lines:
                 yield chunk
                 chunk = []

@@ -14,11 +14,11 @@ Reading, on both backends:
   (:class:`~loctex.data.packed.PackedNarratives`) over the shards, so
   :class:`ShardNarrativeDataset` is the torch data set with images from the tars: same decisions,
   same annotations, same samples.
-* :class:`ShardBatchSampler` / :func:`rank_order` - per-rank shard assignment: shards are dealt to
-  ranks per epoch (seeded) and read one after the other; the position is a step count
+* :class:`~loctex.data.samplers.TarShardBatchSampler` - per-rank shard assignment: shards are
+  dealt to ranks per epoch (seeded) and read one after the other; the position is a step count
   (``start_step``), as for the prepared directory.
 * :class:`ShardStream` (an ``IterableDataset``) + :class:`ShardLoader` - the torch backend's
-  streaming loader with ``state_dict()``; the DALI backend feeds the same sampler's order through
+  streaming loader with ``state_dict()``; the DALI backend feeds the same sampler's batches through
   its sample source (:mod:`loctex.data.dali`). DALI's own ``readers.webdataset`` is not used: it
   shuffles and shards internally, while the per-sample decisions (crop, flip, jitter) and the
   annotations must come from the one seeded sample source, before decoding.
@@ -35,8 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loctex.data.collate import collate_batch
 from loctex.data.dataset import NarrativeDataset
-from loctex.data.loader import ShardedBatchSampler
+from loctex.data.samplers import TarShardBatchSampler
+from loctex.data.workers import stop_signals_blocked, worker_init
 
 FORMAT = "loctex-shards"
 VERSION = 1
@@ -218,46 +220,6 @@ def iter_tar(path):
 
 
 # ------------------------------------------------------------------------------------------------
-# per-rank order
-
-
-def rank_order(shard_counts, seed: int, epoch: int, rank: int, world_size: int,
-               shuffle: bool = True) -> np.ndarray:
-    """Global sample indices that ``rank`` visits in ``epoch``, in order.
-
-    Shards are permuted per epoch (seeded) and dealt round-robin to ranks (``perm[rank::world]``);
-    each shard's samples are permuted (seeded by epoch and shard). A rank reads its own shards one
-    after the other - what streaming from object storage needs. Every rank gets exactly
-    ``N // world_size`` samples, so distributed steps stay in lockstep and the number of steps per
-    epoch is a constant: ranks whose shards hold more pass their tail samples, in order, to the ranks
-    whose shards hold fewer. Position ``p`` of this order is what a resumed run restarts from.
-    """
-    counts = np.asarray(shard_counts, np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    n_shards = len(counts)
-    perm = (np.random.default_rng([seed, epoch, 1]).permutation(n_shards) if shuffle
-            else np.arange(n_shards))
-    lists = []
-    for r in range(world_size):
-        parts = [np.zeros(0, np.int64)]
-        for s in perm[r::world_size]:
-            idx = np.arange(starts[s], starts[s + 1], dtype=np.int64)
-            if shuffle:
-                idx = np.random.default_rng([seed, epoch, 2, int(s)]).permutation(idx)
-            parts.append(idx)
-        lists.append(np.concatenate(parts))
-    length = int(counts.sum()) // world_size
-    surplus = np.concatenate([np.zeros(0, np.int64)] + [l[length:] for l in lists])
-    taken = 0
-    for r in range(world_size):
-        deficit = length - min(length, len(lists[r]))
-        if r == rank:
-            return np.concatenate([lists[r][:length], surplus[taken:taken + deficit]])
-        taken += deficit
-    raise ValueError(f"rank {rank} outside world size {world_size}")
-
-
-# ------------------------------------------------------------------------------------------------
 # prepared directory <-> shards
 
 # The per-narrative arrays of the packed format (loctex.data.packed) that travel in KEY.json.
@@ -392,7 +354,7 @@ class ShardNarratives:
 
 
 # ------------------------------------------------------------------------------------------------
-# the data set, sampler and stream over shards (the torch path; the DALI source uses the first two)
+# the data set and stream over shards (the torch path; the DALI source uses the data set)
 
 
 class ShardNarrativeDataset(NarrativeDataset):
@@ -410,66 +372,22 @@ class ShardNarrativeDataset(NarrativeDataset):
         return io.BytesIO(self.packed.image_bytes(self.packed.image_index(index)))
 
 
-class ShardBatchSampler(ShardedBatchSampler):
-    """:class:`~loctex.data.loader.ShardedBatchSampler` semantics (epochs, ``start_step`` in global
-    steps, ``drop_last``, batches of ``(index, epoch)``) over :func:`rank_order`: each rank reads
-    its own shards. ``steps_per_epoch = (N // world) // batch``, the same on every rank."""
-
-    def __init__(self, shard_counts, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = True, start_step: int = 0,
-                 epochs: int | None = None):
-        self.shard_counts = np.asarray(shard_counts, np.int64)
-        n = int(self.shard_counts.sum())
-        super().__init__(n, batch_size, rank, world_size, seed=seed, shuffle=shuffle,
-                         drop_last=drop_last, start_step=start_step, epochs=epochs)
-        per_rank = n // self.world_size
-        self.steps_per_epoch = (per_rank // self.batch_size if drop_last
-                                else -(-per_rank // self.batch_size))
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{n} samples cannot give every one of {self.world_size} ranks a "
-                             f"batch of {self.batch_size}")
-        self._cache: tuple[int, np.ndarray] | None = None
-
-    def rank_order(self, epoch: int) -> np.ndarray:
-        if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, rank_order(self.shard_counts, self.seed, epoch, self.rank,
-                                             self.world_size, self.shuffle))
-        return self._cache[1]
-
-    def batch(self, epoch: int, k: int) -> np.ndarray:
-        """Narrative indices of this rank's batch ``k`` of ``epoch``."""
-        return self.rank_order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
-
-    def __iter__(self):
-        epoch, step = divmod(self.start_step, self.steps_per_epoch)
-        while self.epochs is None or epoch < self.epochs:
-            for k in range(step, self.steps_per_epoch):
-                yield [(int(i), epoch) for i in self.batch(epoch, k)]
-            epoch, step = epoch + 1, 0
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_cache"] = None
-        return state
-
-
 class ShardStream(torch.utils.data.IterableDataset):
     """Streams this rank's collated batches from shards: the iterable-dataset form of the torch path.
 
     Use with ``DataLoader(stream, batch_size=None, num_workers=W)``: worker ``w`` builds global
     batches ``k`` with ``k % W == w`` and the DataLoader's round-robin over workers gives them back
-    in order, so the stream is the :class:`ShardBatchSampler` order whatever ``W`` is. The position
+    in order, so the stream is the sampler's order whatever ``W`` is. The position
     is a step count: ``ShardStream(..., start_step=s)`` continues exactly where a run that consumed
     ``s`` batches was (``state_dict()`` / ``load_state_dict()`` for a running stream; the loader
     counts what it handed out).
     """
 
-    def __init__(self, dataset: ShardNarrativeDataset, sampler: ShardBatchSampler):
+    def __init__(self, dataset: ShardNarrativeDataset, sampler: TarShardBatchSampler):
         super().__init__()
         self.dataset, self.sampler = dataset, sampler
 
     def __iter__(self):
-        from loctex.data.collate import collate_batch
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for k, batch in enumerate(self.sampler):
@@ -508,14 +426,15 @@ class ShardLoader:
         self.position = int(state["position"])
 
     def __iter__(self):
-        from loctex.data.loader import _worker_init
         self.sampler.start_step = self.position
-        kw = ({"prefetch_factor": self.prefetch_factor, "worker_init_fn": _worker_init}
+        kw = ({"prefetch_factor": self.prefetch_factor, "worker_init_fn": worker_init}
               if self.num_workers > 0 else {})
         loader = torch.utils.data.DataLoader(self.stream, batch_size=None,
                                              num_workers=self.num_workers,
                                              pin_memory=self.pin_memory, **kw)
-        for batch in loader:
+        with stop_signals_blocked():  # the workers start here
+            batches = iter(loader)
+        for batch in batches:
             self.position += 1
             yield batch
 

@@ -1,6 +1,6 @@
 """Input-pipeline throughput: samples/s and CPU utilisation of a loader backend.
 
-    python -m loctex.data.bench --backend torch|dali [--prepared DIR | --embedded N |
+    python benchmarks/bench_pipelines.py --backend torch|dali [--prepared DIR | --embedded N |
                                 --images DIR | --synthetic-640x480 N]
                                 [--image-size 224] [--batch-size 64] [--workers 2] [--batches 30]
 
@@ -10,7 +10,7 @@ narratives with their images replaced by N 640x480 photo-like JPEGs (COCO-like s
 ``--images DIR`` every JPEG under DIR with a generic narrative each (to measure real photos).
 The last three are built in a temporary directory (``--keep DIR`` keeps them).
 
-The loader is the real one (``loctex.data.build_loader`` with ``data.backend``), so the figure
+The loader is the real one (``loctex.data.loader.build_loader`` with ``data.backend``), so the figure
 includes tokens, traces and collation. After ``--warmup`` batches, ``--batches`` batches are timed;
 CPU utilisation is this process tree's CPU time (user+system, workers included) over wall time, in
 cores, and the machine's load average is printed beside it because the machine may be shared.
@@ -156,7 +156,7 @@ def measure(loader, batches: int, warmup: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loctex.data.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python benchmarks/bench_pipelines.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["torch", "dali", "auto"], default="torch")
     src = ap.add_mutually_exclusive_group()
