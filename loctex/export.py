@@ -4,7 +4,7 @@
     loctex export --checkpoint RUN_OR_CHECKPOINT_DIR --format detectron2  --out r50_d2.pkl
 
 ``--checkpoint`` is a run directory, its ``checkpoints/`` directory or one checkpoint (tag)
-directory; ZeRO shards are consolidated to float32 (``loctex.engine.checkpoint``).
+directory; ZeRO shards are consolidated to float32 (``loctex.checkpoints``).
 
 * ``torchvision``: torchvision's ResNet keys (``conv1``, ``bn1``, ``layer1.0.conv1``, ...), so
   ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` misses only ``fc.*`` (the
@@ -36,7 +36,7 @@ FORMATS = ("torchvision", "detectron2")
 
 def visual_state_dict(checkpoint: str | Path, keep_fc: bool = False) -> dict[str, torch.Tensor]:
     """torchvision-keyed float32 weights of the visual backbone of a checkpoint."""
-    from loctex.engine.checkpoint import consolidated_state_dict, resolve
+    from loctex.checkpoints import consolidated_state_dict, resolve
     sd = consolidated_state_dict(resolve(checkpoint))
     out = {k[len("visual."):]: v.contiguous() for k, v in sd.items() if k.startswith("visual.")}
     if not out:

@@ -12,7 +12,7 @@ import loctex.kernels as K
 from loctex.kernels import reference as R
 from loctex.kernels.distributed import shutdown_process_group
 
-LOSS_TYPES = ("kl", "ce", "l1", "mse")
+LOSS_TYPES = R.LOSS_TYPES
 
 
 def ranges(*per_token):

@@ -10,6 +10,7 @@ import statistics
 import torch
 
 from loctex.config import load_config
+from loctex.losses import build_loss
 from loctex.models import build_model
 
 from _model_batches import VOCAB, make_batch
@@ -21,12 +22,13 @@ def test_a_few_hundred_steps_lower_both_losses():
         "model.text.layers=1", "model.text.width=64", "model.text.heads=4"])
     torch.manual_seed(0)
     model = build_model(cfg, len(VOCAB)).train()
+    objective = build_loss(cfg)
     optimizer = torch.optim.AdamW(model.param_groups(), betas=cfg.optim.betas)
     generator = torch.Generator().manual_seed(0)
     history = []
     for _ in range(200):
         batch = make_batch(8, 64, generator)  # 64 px -> a 2x2 attention grid
-        out = model(batch)
+        out = objective(model(batch), batch)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

@@ -24,16 +24,24 @@ class ContrastiveHead(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), float(logit_scale_init)))
 
     def log_scale(self) -> torch.Tensor:
-        """The learned log temperature as a 0-dim tensor (what the losses take)."""
-        return self.logit_scale[0]
+        """The learned log temperature as a new 0-dim tensor (what the losses take). A copy, not a
+        view: ZeRO-3 frees the parameter's storage once the forward that read it returns."""
+        return self.logit_scale[0].clone()
 
     def embed_image(self, pooled: torch.Tensor) -> torch.Tensor:
-        """[B, C] -> L2-normalized float32 [B, embed_dim]."""
-        return F.normalize(self.image_proj(pooled).float(), dim=-1)
+        """[B, C] -> L2-normalized [B, embed_dim] in the head's dtype."""
+        return _unit(self.image_proj(pooled))
 
     def embed_text(self, caption: torch.Tensor) -> torch.Tensor:
-        """[B, W] -> L2-normalized float32 [B, embed_dim]."""
-        return F.normalize(self.text_proj(caption).float(), dim=-1)
+        """[B, W] -> L2-normalized [B, embed_dim] in the head's dtype."""
+        return _unit(self.text_proj(caption))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to norm 1, the norm taken in float32; returned in ``x``'s dtype, so that under
+    bf16 the contrastive kernel reads bf16 (half the bytes, tensor-core MMAs; it accumulates in
+    float32 either way)."""
+    return F.normalize(x.float(), dim=-1).to(x.dtype)
 
 
 class AttentionHead(nn.Module):

@@ -1,38 +1,33 @@
-"""The LocTex model: visual backbone + textual backbone + heads, and its training losses.
+"""The LocTex model: visual backbone + textual backbone + heads. The objective is
+``loctex.losses.LocTexLoss``; the model computes what it needs.
 
 ``forward(batch)`` consumes the batch contract of DESIGN §2.4 and returns
 
-    loss               contrastive + loss.localization_weight * localization   (what to backward)
-    loss_contrastive   symmetric InfoNCE over the global batch (all ranks)
-    loss_localization  KL (or ce/l1/mse) between trace heat maps and cross-modal attention;
-                       a constant 0 when loss.localization_weight == 0 (the compute is skipped)
-    logit_scale        exp(logit_scale) clamped at 100, i.e. the temperature the loss used (detached)
-    image_emb, text_emb  L2-normalized float32 [B, embed_dim] (detached; for retrieval metrics)
-    num_loc_targets    how many tokens of the batch have loc_mask set (detached int64)
+    image_emb, text_emb  L2-normalized [B, embed_dim], in the heads' dtype (bf16 under bf16)
+    logit_scale        the learned log temperature, a 0-dim tensor made in this forward (under
+                       ZeRO-3 the parameter itself is released once forward returns)
+    queries            [B, L, attention_dim] cross-modal attention queries (one per token)
+    keys               [B, H*W, attention_dim] keys of the stride-32 grid cells, row-major (h, w)
+    grid_hw            (H, W) of that grid
+    attention_scale    the attention's logit multiplier (a float): A = softmax(scale · q·k)
     attention          [B, L, H, W] attention maps, only with ``forward(batch, return_attention=True)``
-
-Both losses go through ``loctex.kernels`` so the fused kernels replace the references transparently.
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 import loctex.kernels as K
 
-from ..config import Config, OptimConfig
 from .heads import AttentionHead, ContrastiveHead
 from .resnet import build_resnet
 from .text import TextEncoder
 
-
-def _distributed_world() -> int:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+if TYPE_CHECKING:  # loctex.config imports the backbone registry from here
+    from loctex.config import Config, OptimConfig
 
 
 class LocTexModel(nn.Module):
@@ -48,15 +43,22 @@ class LocTexModel(nn.Module):
         visual_dim, text_dim = self.visual.out_channels, m.text.width
         self.contrastive = ContrastiveHead(visual_dim, text_dim, m.embed_dim, m.logit_scale_init)
         self.attention = AttentionHead(visual_dim, text_dim, m.attention_dim)
-        self.localization_weight = float(cfg.loss.localization_weight)
-        if self.localization_weight == 0:
+        if cfg.loss.localization_weight == 0:
             # contrastive-only baseline: keep the head (same checkpoint layout, attention_maps still
             # callable) but frozen, since it gets no gradient
             self.attention.requires_grad_(False)
         self.attention_scale = cfg.loss.attention_scale or 1.0 / math.sqrt(m.attention_dim)
-        self.channels_last = m.channels_last
-        if self.channels_last:
-            self.visual.to(memory_format=torch.channels_last)
+        self.channels_last = False
+        if m.channels_last:
+            self.set_channels_last()
+
+    def set_channels_last(self, enabled: bool = True) -> "LocTexModel":
+        """Keep the visual backbone's weights, and the images it gets, in channels-last (NHWC)
+        memory format: what cuDNN's tensor-core convolutions want. Numbers are unchanged."""
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        self.visual.to(memory_format=fmt)
+        self.channels_last = enabled
+        return self
 
     # ---- encoders ---------------------------------------------------------------------------
     def visual_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,63 +70,36 @@ class LocTexModel(nn.Module):
         return self.visual(images)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """-> L2-normalized float32 image embeddings [B, embed_dim]."""
+        """-> L2-normalized image embeddings [B, embed_dim] (the heads' dtype)."""
         return self.contrastive.embed_image(self.visual_features(images)[1])
 
     def encode_text(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """-> L2-normalized float32 caption embeddings [B, embed_dim]."""
+        """-> L2-normalized caption embeddings [B, embed_dim] (the heads' dtype)."""
         return self.contrastive.embed_text(self.text(tokens, attention_mask)[1])
-
-    # ---- losses -----------------------------------------------------------------------------
-    def contrastive_loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        if _distributed_world() > 1:
-            return K.distributed_contrastive_loss(image_emb, text_emb, self.contrastive.log_scale())
-        return K.contrastive_loss(image_emb, text_emb, self.contrastive.log_scale())
-
-    def localization_loss(self, batch: dict, token_feats: torch.Tensor, fmap: torch.Tensor):
-        loss = self.cfg.loss
-        q = self.attention.queries(token_feats)
-        k = self.attention.keys(fmap)
-        return K.trace_attention_loss(
-            q, k, batch["points_xy"], batch["point_weights"], batch["token_ranges"],
-            batch["loc_mask"], tuple(fmap.shape[-2:]), loss.sigma,
-            scale=self.attention_scale, loss_type=loss.localization_type)
 
     def forward(self, batch: dict, return_attention: bool = False) -> dict:
         fmap, pooled = self.visual_features(batch["images"])
         token_feats, caption = self.text(batch["tokens"], batch["attention_mask"])
-        image_emb = self.contrastive.embed_image(pooled)
-        text_emb = self.contrastive.embed_text(caption)
-
-        loss_contrastive = self.contrastive_loss(image_emb, text_emb)
-        if self.localization_weight > 0:
-            loss_localization = self.localization_loss(batch, token_feats, fmap)
-            loss = loss_contrastive + self.localization_weight * loss_localization
-        else:
-            loss_localization = torch.zeros((), device=loss_contrastive.device)
-            loss = loss_contrastive
-
+        queries = self.attention.queries(token_feats)
+        keys = self.attention.keys(fmap)
         out = {
-            "loss": loss,
-            "loss_contrastive": loss_contrastive,
-            "loss_localization": loss_localization,
-            "logit_scale": self.contrastive.log_scale().detach().float().exp()
-                               .clamp(max=K.reference.MAX_LOGIT_SCALE),
-            "image_emb": image_emb.detach(),
-            "text_emb": text_emb.detach(),
-            "num_loc_targets": batch["loc_mask"].sum().detach(),
+            "image_emb": self.contrastive.embed_image(pooled),
+            "text_emb": self.contrastive.embed_text(caption),
+            "logit_scale": self.contrastive.log_scale(),
+            "queries": queries,
+            "keys": keys,
+            "grid_hw": tuple(fmap.shape[-2:]),
+            "attention_scale": self.attention_scale,
         }
         if return_attention:
-            out["attention"] = self._attention(token_feats.detach(), fmap.detach())
+            out["attention"] = self._attention(queries.detach(), keys.detach(), out["grid_hw"])
         return out
 
     # ---- evaluation -------------------------------------------------------------------------
-    def _attention(self, token_feats: torch.Tensor, fmap: torch.Tensor) -> torch.Tensor:
-        q = self.attention.queries(token_feats)
-        k = self.attention.keys(fmap)
-        logits = K.reference.attention_logits(q, k, self.attention_scale)  # float32 accumulation
-        B, L = q.shape[:2]
-        return torch.softmax(logits, dim=-1).reshape(B, L, *fmap.shape[-2:])
+    def _attention(self, queries: torch.Tensor, keys: torch.Tensor, grid_hw) -> torch.Tensor:
+        logits = K.reference.attention_logits(queries, keys, self.attention_scale)  # float32 accumulation
+        B, L = queries.shape[:2]
+        return torch.softmax(logits, dim=-1).reshape(B, L, *grid_hw)
 
     @torch.no_grad()
     def attention_maps(self, batch: dict) -> torch.Tensor:
@@ -133,7 +108,8 @@ class LocTexModel(nn.Module):
         Call ``model.eval()`` first: in train mode BatchNorm would update its running statistics."""
         fmap, _ = self.visual_features(batch["images"])
         token_feats, _ = self.text(batch["tokens"], batch["attention_mask"])
-        return self._attention(token_feats, fmap)
+        return self._attention(self.attention.queries(token_feats), self.attention.keys(fmap),
+                               tuple(fmap.shape[-2:]))
 
     # ---- optimizer --------------------------------------------------------------------------
     def param_groups(self, optim: OptimConfig | None = None) -> list[dict]:

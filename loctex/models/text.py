@@ -11,10 +11,13 @@ tokens gives every token's features a direct gradient from the contrastive loss.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from ..config import TextConfig
+if TYPE_CHECKING:  # loctex.config imports the backbone registry from here
+    from loctex.config import TextConfig
 
 
 def bert_config(cfg: TextConfig, vocab_size: int, pad_token_id: int = 0):
