@@ -4,7 +4,7 @@ Generated: ZeRO stage (``zero.stage``), bf16 or fp16 with a dynamic loss scale (
 micro-batch and gradient accumulation (``train.*``), gradient clipping (``optim.grad_clip``).
 Passed through: the user's JSON is used as it is, except that values written as ``"auto"`` (the
 Hugging Face convention) are filled from our config; the batch keys it sets win over ours, and
-``sync_config`` writes them back into our config so the loader, the logs and the checkpoints agree
+``sync_config`` returns our config with them, so that the loader, the logs and the checkpoints agree
 with what DeepSpeed runs.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import logging
 from pathlib import Path
 
+from loctex import config
 from loctex.config import Config
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def generate(cfg: Config, world_size: int, on_cuda: bool) -> dict:
         "zero_optimization": zero,
         # LAMB and the CPU LAMB are not on DeepSpeed's list of ZeRO-tested optimizers
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,  # the engine logs (engine/metrics.py); DeepSpeed stays quiet
+        "steps_per_print": 1 << 30,  # the engine logs (engine/run_log.py); DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
     if cfg.precision in ("bf16", "fp16"):
@@ -80,8 +81,9 @@ def load(path: str | Path, cfg: Config, world_size: int, on_cuda: bool) -> dict:
     return _fill_auto(user, generate(cfg, world_size, on_cuda))
 
 
-def sync_config(cfg: Config, ds: dict, world_size: int) -> None:
-    """Write the batch, precision and ZeRO settings of ``ds`` back into ``cfg`` (in place)."""
+def sync_config(cfg: Config, ds: dict, world_size: int) -> Config:
+    """``cfg`` with the batch, precision, ZeRO and clipping settings of ``ds`` (a new config;
+    ``cfg`` is left as it is)."""
     t = cfg.train
     mb = ds.get("train_micro_batch_size_per_gpu", t.micro_batch_size)
     ga = ds.get("gradient_accumulation_steps", t.gradient_accumulation_steps)
@@ -98,13 +100,15 @@ def sync_config(cfg: Config, ds: dict, world_size: int) -> None:
                           ("train.gradient_accumulation_steps", ga, t.gradient_accumulation_steps)):
         if int(new) != old:
             log.warning("deepspeed config sets %s=%s (our config said %s)", key, new, old)
-    t.micro_batch_size, t.gradient_accumulation_steps = int(mb), int(ga)
     if ds.get("bf16", {}).get("enabled"):
-        cfg.precision = "bf16"
+        precision = "bf16"
     elif ds.get("fp16", {}).get("enabled"):
-        cfg.precision = "fp16"
+        precision = "fp16"
     else:
-        cfg.precision = "fp32"
-    cfg.zero.stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+        precision = "fp32"
+    changes = {"train.micro_batch_size": int(mb), "train.gradient_accumulation_steps": int(ga),
+               "precision": precision,
+               "zero.stage": int(ds.get("zero_optimization", {}).get("stage", 0))}
     if "gradient_clipping" in ds:
-        cfg.optim.grad_clip = float(ds["gradient_clipping"])
+        changes["optim.grad_clip"] = float(ds["gradient_clipping"])
+    return config.replace(cfg, changes)

@@ -6,12 +6,21 @@
     ... --deepspeed_config ds.json     # use this DeepSpeed JSON ("auto" values filled from ours)
 
 On a machine without CUDA, DeepSpeed's accelerator is the CPU and the ranks talk over gloo; the
-launcher starts ``--num_gpus`` CPU ranks. The work is in ``engine/trainer.py``.
+launcher starts ``--num_gpus`` CPU ranks. The work is in ``engine/trainer.py``. A one-process run
+rendezvous on a free local port unless ``MASTER_PORT`` is set, so several can run side by side.
+
+To stop a job cleanly with a signal to one pid (DeepSpeed's launcher does not forward it), start it
+under ``python -m loctex.engine.supervise -- deepspeed ...`` (``engine/supervise.py``).
+
+Exit codes: 0 done or stopped by SIGTERM/SIGINT after saving; 1 the run stopped (non-finite
+steps, a model that cannot be saved); 2 the configuration, the data or the run directory do not
+allow a run (one line on stderr says why).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 
@@ -25,10 +34,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def single_process_defaults() -> None:
     """What a launcher would set, for ``python engine/launch.py`` (one rank)."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", os.environ.get("LOCTEX_MASTER_PORT", "29511"))
+    if "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -46,13 +63,21 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from loctex.config import ConfigError, load_config
-    from loctex.engine.trainer import train
+    from loctex.engine.trainer import EngineError, train
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return train(cfg, args.deepspeed_config)
+    from loctex.checkpoints import CheckpointError
+    try:
+        return train(cfg, args.deepspeed_config)
+    except (ConfigError, EngineError, CheckpointError) as exc:
+        # CheckpointError is raised by every rank alike (engine/checkpoint.py)
+        every_rank = isinstance(exc, CheckpointError) or getattr(exc, "every_rank", False)
+        if not every_rank or os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

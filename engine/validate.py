@@ -12,8 +12,13 @@ the contrastive loss sees the training global batch). Reported:
                                       rendered trace (``loctex.eval.metrics.pointing_hits``)
     val_images                        how many images were scored
 
-``attention_grid`` draws, for the first validation images, the image with its whole trace and,
-for a few words of its caption, the word's attention map beside its rendered trace (matplotlib Agg).
+Retrieval positives come from each batch's ``index`` (the narratives actually loaded, after any
+bad-image replacement) through ``image_of``, so a replaced image cannot shift them.
+
+``attention_grid`` draws, for the first validation images, the image and, for a few words of its
+caption, the word's attention map beside its rendered trace (matplotlib Agg). Both panels of a word
+share one colour scale, from 0 to the larger of their peaks, in units of the uniform map (1/cells),
+and each title gives its peak as a multiple of uniform: flat attention looks flat.
 """
 from __future__ import annotations
 
@@ -23,56 +28,45 @@ import numpy as np
 import torch
 
 import loctex.kernels as K
+from loctex.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from loctex.eval.metrics import pointing_hits, recall_at_k
+from loctex.losses import build_loss
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from .collectives import all_mean, gather_rows
+from .devices import to_device
+
+# perceptually uniform: equal steps in value look like equal steps in colour
+COLORMAP = "viridis"
 # words not worth showing in the grid (they have traces, but rarely a place)
 STOPWORDS = {"a", "an", "the", "and", "of", "in", "on", "is", "are", "with", "this", "that", "to",
              "it", "at", "we", "can", "see", "there", "which", "its", "some", "image", "picture",
              "in this", "i", "left", "right", "side", "top", "bottom", "background"}
 
 
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out, 0)
-
-
-def _all_mean(values: list[float], device) -> list[float]:
-    import torch.distributed as dist
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def validate(model, batches, cfg, device, keep_for_grid: int = 0,
-             image_ids: torch.Tensor | None = None) -> tuple[dict, dict | None]:
+             image_of=None) -> tuple[dict, dict | None]:
     """Run the validation ``batches`` (this rank's, equally many and equally sized on every rank)
-    through ``model`` (the DeepSpeed engine or a plain module). ``image_ids`` (this rank's items in
-    order) make another caption of the same image a retrieval hit. Returns (metrics, grid sample or
-    None): the sample holds the first ``keep_for_grid`` items of this rank's first batch."""
+    through ``model`` (the DeepSpeed engine or a plain module). ``image_of(batch["index"])`` -> the
+    image id of each row makes another caption of the same image a retrieval hit (None: only a
+    row's own caption is). Returns (metrics, grid sample or None): the sample holds the first
+    ``keep_for_grid`` items of this rank's first batch."""
     was_training = model.training
     model.eval()
     sums = np.zeros(3)
     n_batches = 0
-    image_embs, text_embs = [], []
+    image_embs, text_embs, image_ids = [], [], []
     hits = torch.zeros(2, dtype=torch.float64)  # hits, targets
     sample = None
+    objective = build_loss(cfg)
     for batch in batches:
-        batch = _to_device(batch, device)
+        if image_of is not None:
+            image_ids.append(image_of(batch["index"]))
+        batch = to_device(batch, device)
         out = model(batch, return_attention=True)
-        sums += [float(out["loss"]), float(out["loss_contrastive"]), float(out["loss_localization"])]
+        losses = objective(out, batch)
+        sums += [float(losses["loss"]), float(losses["loss_contrastive"]),
+                 float(losses["loss_localization"])]
         n_batches += 1
         image_embs.append(out["image_emb"].float())
         text_embs.append(out["text_emb"].float())
@@ -95,13 +89,13 @@ def validate(model, batches, cfg, device, keep_for_grid: int = 0,
                       "token_ranges": batch["token_ranges"][:n].cpu()}
     if was_training:
         model.train()
-    losses = _all_mean(list(sums / max(n_batches, 1)), device)
-    hits = _all_mean(hits.tolist(), device)
-    image_emb = _gather(torch.cat(image_embs)).cpu()
-    text_emb = _gather(torch.cat(text_embs)).cpu()
+    losses = all_mean(list(sums / max(n_batches, 1)), device)
+    hits = all_mean(hits.tolist(), device)
+    image_emb = gather_rows(torch.cat(image_embs)).cpu()
+    text_emb = gather_rows(torch.cat(text_embs)).cpu()
     positives = None
-    if image_ids is not None:
-        all_ids = _gather(image_ids.to(device)).cpu()
+    if image_of is not None:
+        all_ids = gather_rows(torch.cat(image_ids).to(device)).cpu()
         positives = all_ids[:, None] == all_ids[None, :]
     metrics = {
         "val_loss": losses[0], "val_loss_contrastive": losses[1], "val_loss_localization": losses[2],
@@ -116,7 +110,7 @@ def validate(model, batches, cfg, device, keep_for_grid: int = 0,
 
 
 def _denormalize(img: torch.Tensor) -> np.ndarray:
-    x = img * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
+    x = img * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
@@ -143,7 +137,8 @@ def choose_words(tokens: torch.Tensor, target: torch.Tensor, decode, k: int) -> 
 def attention_grid(sample: dict, path: Path, decode=None, words_per_image: int = 3,
                    title: str = "") -> Path:
     """One row per image: the image, then per chosen word its attention map (one block per grid
-    cell) and its rendered trace with the word's trace points, both over the image. ``decode(token_id) -> str`` labels the words."""
+    cell) and its rendered trace with the word's trace points, both over the image, on the word's
+    shared colour scale (see the module docstring). ``decode(token_id) -> str`` labels the words."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -164,12 +159,17 @@ def attention_grid(sample: dict, path: Path, decode=None, words_per_image: int =
             if j < len(words):
                 t = words[j]
                 w = decode(int(sample["tokens"][r, t]))
+                # as multiples of the uniform map, so that maps over different grids compare
+                attn = sample["attention"][r, t].numpy() * sample["attention"][r, t].numel()
+                trace = sample["heat"][r, t].numpy() * sample["heat"][r, t].numel()
+                top = max(float(attn.max()), float(trace.max()), 1e-12)
                 # the attention is shown cell by cell (its real resolution), the trace smooth
-                for ax, m, name, interp in ((ax_a, sample["attention"][r, t], "attn", "nearest"),
-                                            (ax_t, sample["heat"][r, t], "trace", "bilinear")):
+                for ax, m, name, interp in ((ax_a, attn, "attn", "nearest"),
+                                            (ax_t, trace, "trace", "bilinear")):
                     ax.imshow(img)
-                    ax.imshow(m.numpy(), cmap="jet", alpha=0.5, extent=extent, interpolation=interp)
-                    ax.set_title(f"{name}: {w}", fontsize=7)
+                    ax.imshow(m, cmap=COLORMAP, vmin=0.0, vmax=top, alpha=0.5, extent=extent,
+                              interpolation=interp)
+                    ax.set_title(f"{name}: {w}\npeak {m.max():.2f}x uniform", fontsize=7)
                 s, e = (int(v) for v in sample["token_ranges"][r, t])
                 pts = sample["points_xy"][s:e].numpy() * S
                 ax_t.plot(pts[:, 0], pts[:, 1], ".", color="white", markersize=2)

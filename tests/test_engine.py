@@ -52,7 +52,10 @@ def _shared_dir(tmp_path_factory, name: str, make) -> Path:
     """A directory made once per session by ``make(dir)``, whichever xdist worker asks first (the
     others wait on a lock in the base directory the workers share)."""
     from filelock import FileLock
-    root = tmp_path_factory.getbasetemp().parent / name
+    base = tmp_path_factory.getbasetemp()
+    # under xdist each worker's base lies inside the session's; without it, the parent would be
+    # shared by every session (a stale reference run from older code)
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
     root.mkdir(exist_ok=True)
     with FileLock(str(root) + ".lock"):
         done = root / "done"
@@ -176,9 +179,10 @@ def test_zero1_bf16_metrics_and_summary(reference_run):
     assert sorted(m) == list(range(1, STEPS + 1))
     for row in m.values():
         for key in ("step", "loss", "loss_contrastive", "loss_localization", "lr", "images_per_s",
-                    "global_batch", "skipped_images"):
+                    "global_batch", "skipped_images", "skipped_steps", "peak_gpu_mem_mb"):
             assert key in row, key
         assert row["skipped_images"] == 0  # prepare kept only readable images
+        assert row["skipped_steps"] == 0 and row["peak_gpu_mem_mb"] is None  # CPU
         assert math.isfinite(row["loss"]) and row["loss_localization"] > 0
         assert row["loss"] == pytest.approx(row["loss_contrastive"] + row["loss_localization"],
                                             rel=1e-5)
@@ -227,7 +231,7 @@ def zero3_run(prepared, tmp_path_factory):
 def test_zero3_bf16_runs_and_consolidates(zero3_run):
     m = _metrics(zero3_run)
     assert sorted(m) == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in m.values())
-    from loctex.engine.checkpoint import load_model
+    from loctex.checkpoints import load_model
     model = load_model(zero3_run)  # ZeRO-3 shards merged to float32, every key present
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert model.train_config.zero.stage == 3
@@ -307,7 +311,7 @@ def test_export_resnet50_keys_and_formats(tmp_path):
 
 # ---- checkpoints: validation and preemption -------------------------------------------------------
 def test_half_written_checkpoint_is_never_latest(tmp_path):
-    from loctex.engine.checkpoint import MANIFEST, find_latest
+    from loctex.checkpoints import MANIFEST, find_latest
     ckpts = tmp_path / "checkpoints"
 
     def complete(step, truncate=False):
@@ -330,24 +334,26 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
 def test_preemption_sigterm_then_sigkill_then_resume(reference_run, prepared, tmp_path):
     """One run, preempted twice, against the uninterrupted reference (same config):
 
-    1. SIGTERM to every process (what a scheduler does) after step 3: the step in flight finishes,
-       a checkpoint is saved, every rank exits 0.
+    1. SIGTERM to every process (what a scheduler does) after step 3, with two loader workers per
+       rank (which ignore it): the step in flight finishes, a checkpoint is saved, every rank
+       exits 0.
     2. resume=auto continues from it: its steps equal the reference's. SIGKILL of every process,
        aimed at the moment the step-6 checkpoint is being written (tmp-step_00000006 exists).
     3. The half-written checkpoint is not taken: resume=auto starts from the last complete one, and
        the steps after it equal the reference's.
     """
-    from loctex.engine.checkpoint import find_latest
+    from loctex.checkpoints import find_latest
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
     config = _write_config(tmp_path / "cfg.yaml", run, prepared)
     reference = _metrics(reference_run)
 
     # 1. SIGTERM
-    proc = _launch(config, log=tmp_path / "log1.txt")
+    proc = _launch(config, "data.num_workers=2", log=tmp_path / "log1.txt")
     _signal_when(proc, lambda: _steps_logged(run) >= 3, signal.SIGTERM, timeout_after=120)
     log1 = (tmp_path / "log1.txt").read_text()
     assert log1.count("exit 0 after SIGTERM") == 2, log1[-3000:]  # one line per rank
+    assert "killed by signal" not in log1, log1[-3000:]
     saved = int((ckpts / "latest").read_text().split("_")[1])
     assert 3 <= saved < 6 and _steps_logged(run) == saved
 
@@ -406,7 +412,7 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float, poll: float = 0
 
 # ---- small parts -------------------------------------------------------------------------------------
 def test_lr_schedule_warmup_then_cosine():
-    from loctex.engine.optim import lr_multiplier
+    from loctex.schedule import lr_multiplier
     f = [lr_multiplier(s, 10, 100, 0.05) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
@@ -451,8 +457,11 @@ def test_deepspeed_config_generation_and_passthrough(tmp_path):
                                 "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}))
     loaded = ds_config.load(user, cfg, world_size=2, on_cuda=False)
     assert loaded["gradient_accumulation_steps"] == 4  # "auto" filled from our config
-    ds_config.sync_config(cfg, loaded, world_size=2)
-    assert (cfg.train.micro_batch_size, cfg.precision, cfg.zero.stage) == (2, "bf16", 3)
+    synced = ds_config.sync_config(cfg, loaded, world_size=2)
+    assert (synced.train.micro_batch_size, synced.precision, synced.zero.stage) == (2, "bf16", 3)
+    assert synced.train.gradient_accumulation_steps == 4 and synced.optim.grad_clip == 0.5
+    # the config it was given is left as it was
+    assert (cfg.train.micro_batch_size, cfg.precision, cfg.zero.stage) == (8, "fp16", 2)
 
 
 def test_rng_state_round_trip_is_weights_only(tmp_path):
@@ -486,7 +495,7 @@ def test_a_failing_rank_skips_the_closing_barrier(monkeypatch, fails):
 
     class FakeTrainer:
         def __init__(self, cfg, deepspeed_config=None):
-            pass
+            self.lock = None
 
         def fit(self):
             if fails:

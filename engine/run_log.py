@@ -1,4 +1,4 @@
-"""Live feedback of a training run (rank 0 only): progress bar, ``metrics.jsonl``, TensorBoard.
+"""The run's log (rank 0 only): progress bar, ``metrics.jsonl``, ``val.jsonl``, TensorBoard.
 
 ``RUN/metrics.jsonl`` has one JSON object per logged step with at least
 
@@ -13,8 +13,14 @@
     images_per_step    global_batch x gradient accumulation: images per optimizer step
     skipped_images     unreadable images replaced by the next narrative so far, all ranks (counted
                        since this process started; DESIGN §2.2)
+    skipped_steps      optimizer steps whose update was skipped because a loss or gradient was
+                       NaN/inf (counted since this process started); more than
+                       train.max_skipped_steps of them in a row stop the run (fp16's loss-scale
+                       overflows, with a finite loss, are counted but do not stop it)
+    peak_gpu_mem_mb    the most CUDA memory any rank's tensors held so far (MiB); null on CPU
 
-Losses are averaged over the steps since the previous object (and the accumulation micro-steps).
+Losses are averaged over the steps since the previous object (and the accumulation micro-steps),
+leaving out skipped steps; null when every step since the previous object was skipped.
 On resume the objects after the checkpoint's step are dropped from the file, so that it reads as
 one uninterrupted history. Validation results go to ``RUN/val.jsonl`` (see ``engine/validate.py``).
 
@@ -47,6 +53,10 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     path.write_text("".join(k + "\n" for k in kept))
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 class _Tensorboard:
     def __init__(self, log_dir: Path):
         self.writer = None
@@ -77,7 +87,7 @@ class _Tensorboard:
             self.writer.close()
 
 
-class MetricsLogger:
+class RunLogger:
     """Rank 0's logger; on other ranks every method is a no-op."""
 
     def __init__(self, run_dir: str | Path, rank: int, max_steps: int, start_step: int,
@@ -125,9 +135,11 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.tb.scalars("train", record, step)
-        info = (f"{ips:7.1f} img/s  loss {values['loss']:.4f}  "
-                f"con {values['loss_contrastive']:.4f}  loc {values['loss_localization']:.4f}  "
+        info = (f"{ips:7.1f} img/s  loss {_fmt(values['loss'])}  "
+                f"con {_fmt(values['loss_contrastive'])}  loc {_fmt(values['loss_localization'])}  "
                 f"lr {values['lr']:.2e}")
+        if values.get("skipped_steps"):
+            info += f"  skipped steps {values['skipped_steps']}"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         else:
