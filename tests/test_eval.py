@@ -1,5 +1,6 @@
-"""Downstream evaluation: the VOC07 SVM protocol, the localization metrics, the dense probe's mIoU,
-and ``loctex reproduce --quick`` end to end at a tiny budget."""
+"""Downstream evaluation: the VOC07 SVM protocol, the localization metrics, the dense probe's and
+the dense fine-tuning's mIoU, ``loctex eval dense``
+(``loctex reproduce`` has its own tests/test_reproduce.py.)"""
 from __future__ import annotations
 
 import numpy as np
@@ -204,40 +205,49 @@ def test_recall_at_one():
     assert metrics.recall_at_k(q, g, 3) == pytest.approx(1.0)
 
 
-# ---- loctex reproduce ------------------------------------------------------------------------
+# ---- dense fine-tuning, `loctex eval dense` --------------------------------------------------
 
-@pytest.mark.slow
-def test_reproduce_quick_runs_end_to_end(tmp_path):
-    """The whole comparison at a tiny budget: synth -> tokenizer -> prepare -> two pre-trainings
-    through the engine -> probes and localization -> table, results.json, PNG."""
+def test_dense_finetune_is_seeded_and_leaves_the_callers_backbone_alone(tmp_path):
+    from loctex.eval.coco_sets import load_segmentation_set, synth_split
+    from loctex.eval.dense_finetune import finetune_segmentation
+    from loctex.models.resnet import build_resnet
+    from loctex.synth import generate
+
+    generate(tmp_path, num_images=16, seed=0, image_size=32, val_fraction=0.25)
+    train, val = (load_segmentation_set(*synth_split(tmp_path, s), size=32) for s in ("train", "val"))
+    backbone = build_resnet("resnet18").eval()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+
+    def run(seed, fraction=0.5):
+        r = finetune_segmentation(backbone, train, val, fraction, steps=3, seed=seed, batch_size=4)
+        r.pop("seconds")
+        return r
+
+    first = run(0)
+    assert first["images"] == 6 and first["steps"] == 3 and 0.0 <= first["mIoU"] <= 1.0
+    assert set(first["per_class_iou"]) == set(train.class_names)
+    assert run(0) == first                      # same seed, same subset, same numbers
+    assert run(1) != first                      # another subset, init and order
+    for k, v in backbone.state_dict().items():  # fine-tuning worked on a copy
+        assert torch.equal(v, before[k]), k
+
+
+def test_eval_dense_is_its_own_command(tmp_path):
     import json
 
-    import yaml
-
     from loctex.cli import main
+    from loctex.synth import generate
 
-    out = tmp_path / "repro"
-    rc = main(["reproduce", "--quick", "--out", str(out), "--num-images", "40", "--steps", "2",
-               "--probe-steps", "4", "--workers", "0", "--set", "data.image_size=64",
-               "train.micro_batch_size=8", "data.num_workers=0", "train.log_every=1"])
-    assert rc == 0
-    report = json.loads((out / "results.json").read_text())
-    assert report["budget"]["pretrain_steps"] == 2 and report["budget"]["image_size"] == 64
-    table = report["table"]
-    assert set(table["linear probe mAP"]) == {"random", "contrastive", "loctex"}
-    for label, row in table.items():
-        for model, v in row.items():
-            if model == "random" and label.startswith(("pointing", "box", "retrieval", "mean KL")):
-                assert v is None  # the random backbone has no text tower to point with
-            elif not label.startswith("mean KL"):
-                assert v is not None and 0.0 <= v <= 1.0, (label, model, v)
-    loc = report["results"]["loctex"]["localization"]
-    assert loc["target_tokens"] > 0 and loc["grounded_tokens"] > 0
-    assert (out / "results.png").stat().st_size > 1000
-    # both runs trained with the same budget and seed; only the localization weight differs
-    cfgs = [yaml.safe_load((out / "runs" / n / "config.yaml").read_text())
-            for n in ("contrastive", "loctex")]
-    assert cfgs[0]["loss"]["localization_weight"] == 0 and cfgs[1]["loss"]["localization_weight"] > 0
-    for c in cfgs:
-        c["loss"].pop("localization_weight"), c.pop("run_dir")
-    assert cfgs[0] == cfgs[1]
+    data = tmp_path / "synth"
+    generate(data, num_images=16, seed=0, image_size=32, val_fraction=0.25)
+    for protocol in ("probe", "finetune"):
+        out = tmp_path / f"{protocol}.json"
+        assert main(["eval", "dense", "--weights", "random", "--arch", "resnet18", "--data",
+                     str(data), "--image-size", "32", "--fractions", "0.5,1.0", "--steps", "2",
+                     "--workers", "0", "--protocol", protocol, "--batch-size", "4",
+                     "--out", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["task"] == "dense" and result["protocol"] == protocol
+        assert list(result["fractions"]) == ["50%", "100%"]
+        assert [r["images"] for r in result["fractions"].values()] == [6, 12]
+        assert all(0.0 <= r["mIoU"] <= 1.0 for r in result["fractions"].values())

@@ -7,7 +7,7 @@
   ``torch.load(weights_only=True)``, ``.safetensors`` with safetensors). Wrappers (``state_dict``,
   ``model``) and key prefixes (``module.``, ``visual.``, ``backbone.``, ...) are found and removed;
 * a run directory or a checkpoint directory of the engine: the whole model is loaded with
-  ``loctex.engine.checkpoint.load_model`` and its visual backbone kept.
+  ``loctex.checkpoints.load_model`` and its visual backbone kept.
 ``arch`` is ``auto`` (read from the weights; resnet50 for ``random``) or a ResNet name.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def load_backbone(weights: str, arch: str = "auto") -> ResNet:
         return build_resnet("resnet50" if arch == "auto" else arch).eval()
     path = Path(weights)
     if path.is_dir():
-        from loctex.engine.checkpoint import load_model
+        from loctex.checkpoints import load_model
         visual = load_model(path).visual.float().cpu()
         if arch != "auto" and ARCHS[arch][1] != tuple(len(getattr(visual, f"layer{i}")) for i in range(1, 5)):
             raise ValueError(f"{weights} holds a different backbone than --arch {arch}")
@@ -85,9 +85,41 @@ def load_backbone(weights: str, arch: str = "auto") -> ResNet:
     model = build_resnet(infer_arch(state) if arch == "auto" else arch)
     # fc is never used (and exports may drop it or carry another class count)
     state = {k: v.float() for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit: say which file, in one line
+        raise ValueError(f"{weights}: does not fit a {arch if arch != 'auto' else infer_arch(state)}: "
+                         f"{' '.join(str(exc).partition(':')[2].split())[:400]}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise ValueError(f"{weights}: does not match {arch}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+    return model.eval()
+
+
+def batchnorm_never_saw_data(model: torch.nn.Module) -> bool:
+    """Every BatchNorm still holds its initial statistics (no batch counted, mean 0, variance 1):
+    a randomly initialized backbone, whose frozen BatchNorm would normalize nothing."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    return bool(bns) and all(int(m.num_batches_tracked) == 0 and not m.running_mean.any()
+                             and bool((m.running_var == 1).all()) for m in bns)
+
+
+@torch.no_grad()
+def estimate_batchnorm_statistics(model: torch.nn.Module, images: torch.Tensor,
+                                  batch_size: int = 16) -> torch.nn.Module:
+    """Replace the BatchNorm running statistics of ``model`` (in place) by their average over
+    ``images`` [N, 3, H, W] (moved in batches to the model's device); the weights are left alone.
+    -> ``model`` in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches, not an exponential one
+    model.train()
+    device = next(model.parameters()).device
+    for s in range(0, len(images), batch_size):
+        model(images[s: s + batch_size].to(device))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
     return model.eval()

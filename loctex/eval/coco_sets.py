@@ -1,5 +1,6 @@
-"""Evaluation sets read from a COCO instances file (the embedded set's, or COCO's own): image-level
-multi-label targets for the linear probe and semantic masks for the dense probe."""
+"""Evaluation sets read from a COCO instances file (the embedded set's, or COCO's own): where a
+split's files lie, image-level multi-label targets for the linear probe, semantic masks for the
+dense evaluations, and the seeded label-fraction subsets every transfer protocol trains on."""
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +21,34 @@ def synth_split(data_dir: str | Path, split: str) -> tuple[Path, Path]:
     if not instances.is_file():
         raise FileNotFoundError(f"{instances}: not found ({data_dir} is not a `loctex synth` output?)")
     return instances, data_dir / "images"
+
+
+def coco_split(root: str | Path, split: str) -> tuple[Path, Path]:
+    """(instances json, images folder) of a split of a COCO-format directory: a ``loctex synth``
+    output (``instances_{split}.json`` + ``images/``) or COCO's layout
+    (``annotations/instances_{split}2017.json`` + ``{split}2017/``; any ``instances_{split}*.json``
+    whose suffix names the image folder, or ``images/``)."""
+    root = Path(root)
+    if (root / f"instances_{split}.json").is_file():
+        return synth_split(root, split)
+    candidates = sorted((root / "annotations").glob(f"instances_{split}*.json"))
+    if not candidates:
+        raise FileNotFoundError(f"{root}: neither instances_{split}.json (a `loctex synth` output) "
+                                f"nor annotations/instances_{split}*.json (COCO's layout)")
+    instances = candidates[0]
+    named = root / instances.stem[len("instances_"):]  # instances_train2017.json -> train2017/
+    images = next((d for d in (named, root / split, root / "images") if d.is_dir()), None)
+    if images is None:
+        raise FileNotFoundError(f"{root}: no image folder for {instances.name} "
+                                f"(looked for {named.name}/, {split}/, images/)")
+    return instances, images
+
+
+def label_subsets(n: int, fractions, seed: int = 0) -> dict[float, np.ndarray]:
+    """Sorted indices of a seeded random subset of n items per fraction (at least one item). The
+    subsets are nested: for one seed the 10% items are among the 50%, which are among the 100%."""
+    order = np.random.default_rng(seed).permutation(n)
+    return {f: np.sort(order[: max(1, round(f * n))]) for f in fractions}
 
 
 def read_coco(instances_json: str | Path):

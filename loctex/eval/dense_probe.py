@@ -1,4 +1,4 @@
-"""The dense probe (``loctex eval detection`` on CPU): semantic segmentation by a light head on the
+"""The dense probe (``loctex eval dense``): semantic segmentation by a light head on the
 frozen backbone, trained on 10% / 50% / 100% of the labelled images and scored by mIoU.
 
 * Labels: semantic masks rasterized from a COCO instances file with pycocotools (0 = background,
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .coco_sets import IGNORE, SegmentationSet
+from .coco_sets import IGNORE, SegmentationSet, label_subsets
 from .metrics import confusion_matrix, iou_per_class, mean_iou
 
 
@@ -93,12 +93,6 @@ def predict_confusion(head: FPNLiteHead, feats: list[torch.Tensor], masks: torch
         conf += confusion_matrix(logits.argmax(1).numpy(), masks[s: s + batch_size].numpy(),
                                  num_classes, IGNORE)
     return conf
-
-
-def label_subsets(n: int, fractions, seed: int = 0) -> dict[float, np.ndarray]:
-    """Nested random subsets: the 10% images are among the 50%, which are among the 100%."""
-    order = np.random.default_rng(seed).permutation(n)
-    return {f: np.sort(order[: max(1, round(f * n))]) for f in fractions}
 
 
 def run_dense_probe(backbone, train: SegmentationSet, test: SegmentationSet, size: int,

@@ -32,6 +32,11 @@ def load_image(path: str, size: int, center_crop: bool) -> torch.Tensor:
     return normalize_(x)  # ImageNet statistics, as in pre-training
 
 
+def load_images(paths: Sequence[str], size: int) -> torch.Tensor:
+    """Normalized float [N, 3, size, size], each image squashed to size x size (``load_image``)."""
+    return torch.stack([load_image(p, size, center_crop=False) for p in paths])
+
+
 class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, paths: Sequence[str], size: int, center_crop: bool):
         self.paths, self.size, self.center_crop = list(paths), size, center_crop
@@ -63,9 +68,9 @@ def pooled_features(backbone: ResNet, paths: Sequence[str], size: int, center_cr
     return torch.cat(out).numpy() if out else np.zeros((0, backbone.out_channels), np.float32)
 
 
-@torch.no_grad()
 def feature_pyramid(backbone: ResNet, x: torch.Tensor) -> list[torch.Tensor]:
-    """Outputs of layer2, layer3, layer4 (strides 8, 16, 32) for the dense probe."""
+    """Outputs of layer2, layer3, layer4 (strides 8, 16, 32) for the dense evaluations (with
+    gradients: the fine-tuned segmentation trains through it; the probe calls it under no_grad)."""
     x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
     c2 = backbone.layer2(backbone.layer1(x))
     c3 = backbone.layer3(c2)

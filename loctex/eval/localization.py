@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from loctex.engine.checkpoint import load_model
+    from loctex.checkpoints import load_model
     model = load_model(args.weights)
     result = evaluate(model, args.data, args.groundings, args.batch_size, args.sigma, args.workers)
     print_result(result, f"localization — {args.weights}")
