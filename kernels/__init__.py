@@ -2,8 +2,14 @@
 
 Each op dispatches on its inputs' device: Triton kernels on CUDA, the C++ ops built by CMake on
 CPU, and the plain-PyTorch reference (``loctex.kernels.reference``) when neither is available
-(with a one-time warning). ``provider="reference"|"triton"|"cpp"`` picks one explicitly;
-``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before triton is imported.
+(with a one-time warning). The contrastive losses have no C++ op: off CUDA/Triton they run the
+blocked O(N·D) torch implementation (``loctex.kernels.blocked_contrastive``), provider ``"blocked"``.
+``provider="reference"|"triton"|"cpp"|"blocked"`` picks one explicitly; ``"triton"`` on CPU tensors
+needs ``TRITON_INTERPRET=1`` set before triton is imported.
+
+The Triton and C++ ops are torch custom ops (namespace ``loctex``, with fake and autograd rules), so
+``torch.compile(fullgraph=True)`` traces a training step through them; the distributed Triton loss
+(whose process group no op schema can carry) is the exception.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import torch
 
 from . import reference
 
-PROVIDERS = ("auto", "reference", "triton", "cpp")
+PROVIDERS = ("auto", "reference", "triton", "cpp", "blocked")
 _warned: set[str] = set()
 
 
@@ -32,17 +38,23 @@ def triton_available() -> bool:
     return True
 
 
+# Evaluated when torch.compile traces a caller, not traced: the first call loads (or compiles)
+# the library, which Dynamo cannot follow, and the answer does not change within a process.
+@torch.compiler.assume_constant_result
 def cpp_available() -> bool:
     from . import cpp
     return cpp.available()
 
 
-def _resolve(op: str, provider: str, tensor: torch.Tensor, has_cpp: bool) -> str:
+def _resolve(op: str, provider: str, tensor: torch.Tensor, has_cpp: bool,
+             has_blocked: bool = False) -> str:
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if provider == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"{op}: provider='triton' on CPU tensors needs TRITON_INTERPRET=1 "
                            "in the environment before triton is imported")
+    if provider == "blocked" and not has_blocked:
+        raise ValueError(f"{op}: there is no blocked implementation of this op")
     if provider == "cpp" and not has_cpp:
         raise ValueError(f"{op}: there is no C++ implementation of this op")
     if provider == "cpp" and not cpp_available():
@@ -52,6 +64,8 @@ def _resolve(op: str, provider: str, tensor: torch.Tensor, has_cpp: bool) -> str
         return provider
     if tensor.is_cuda and triton_available():
         return "triton"
+    if has_blocked:
+        return "blocked"
     if has_cpp and not tensor.is_cuda:
         if cpp_available():
             return "cpp"
@@ -93,20 +107,27 @@ def trace_attention_loss(q, k, points_xy, point_weights, token_ranges, loc_mask,
 
 def contrastive_loss(image_emb, text_emb, logit_scale, *, provider="auto"):
     """Symmetric InfoNCE over [N, D] L2-normalized embeddings; see DESIGN §3."""
-    impl = _resolve("contrastive_loss", provider, image_emb, has_cpp=False)
+    impl = _resolve("contrastive_loss", provider, image_emb, has_cpp=False, has_blocked=True)
     if impl == "triton":
         from .triton.contrastive import contrastive_loss_triton
         return contrastive_loss_triton(image_emb, text_emb, logit_scale)
+    if impl == "blocked":
+        from .blocked_contrastive import contrastive_loss_blocked
+        return contrastive_loss_blocked(image_emb, text_emb, logit_scale)
     return reference.contrastive_loss(image_emb, text_emb, logit_scale)
 
 
 def distributed_contrastive_loss(image_emb, text_emb, logit_scale, group=None, *, provider="auto"):
     """The contrastive loss over the global batch of all ranks; see reference's docstring for the
     gradient convention (data-parallel averaging gives the single-process gradients)."""
-    impl = _resolve("distributed_contrastive_loss", provider, image_emb, has_cpp=False)
+    impl = _resolve("distributed_contrastive_loss", provider, image_emb, has_cpp=False,
+                    has_blocked=True)
     if impl == "triton":
         from .triton.contrastive import distributed_contrastive_loss_triton
         return distributed_contrastive_loss_triton(image_emb, text_emb, logit_scale, group)
+    if impl == "blocked":
+        from .blocked_contrastive import distributed_contrastive_loss_blocked
+        return distributed_contrastive_loss_blocked(image_emb, text_emb, logit_scale, group)
     return reference.distributed_contrastive_loss(image_emb, text_emb, logit_scale, group)
 
 

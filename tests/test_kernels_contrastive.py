@@ -25,22 +25,11 @@ FP32_TOL = dict(loss=2e-6, grad=1e-4)
 BF16_TOL = dict(loss=1e-5, grad=2e-2)
 
 
-def _run(fn, image, text, logit_scale):
-    """loss and (d image, d text, d logit_scale) of ``fn`` on fresh leaves."""
-    leaves = [t.detach().clone().requires_grad_() for t in (image, text, logit_scale)]
-    loss = fn(*leaves)
-    loss.backward()
-    return loss.detach(), [t.grad for t in leaves]
-
-
-def _loss_tol(tol, ref_loss, logit_scale):
-    s = min(math.exp(float(logit_scale)), reference.MAX_LOGIT_SCALE)
-    return tol["loss"] * max(1.0, abs(float(ref_loss))) + 4 * s * torch.finfo(torch.float32).eps
 
 
 def _check(loss, grads, ref_loss, ref_grads, tol, logit_scale):
     assert loss.dtype == torch.float32
-    assert abs(loss.double() - ref_loss).item() <= _loss_tol(tol, ref_loss, logit_scale)
+    assert abs(loss.double() - ref_loss).item() <= testing.contrastive_loss_tolerance(tol, ref_loss, logit_scale)
     for name, g, r in zip(("image", "text", "logit_scale"), grads, ref_grads):
         # relative to the largest entry, floored: a saturated softmax has ~0 gradients (see FP32_TOL)
         scale = max(r.abs().max().item(), 1e-3)
@@ -49,31 +38,54 @@ def _check(loss, grads, ref_loss, ref_grads, tol, logit_scale):
 
 
 def _reference64(image, text, logit_scale):
-    return _run(reference.contrastive_loss, image.double(), text.double(), logit_scale.double())
+    return testing.loss_and_grads(reference.contrastive_loss, image.double(), text.double(), logit_scale.double())
 
 
 @pytest.mark.parametrize("n, d, tiles, chunk_rows", [
     (1, 16, (16, 16, 16), None),    # one pair: loss 0, gradients 0
     (7, 24, (16, 16, 16), None),    # one partial tile, two K steps
-    (33, 40, (16, 32, 16), 16),     # N not a multiple of the tile, D not one of BLOCK_K; 3 G blocks
+    (33, 40, (16, 32, 16), 16),     # N not a multiple of the tile, D not one of BLOCK_K; blocks of
+                                    # 16 < 4·D rows: d(text) from a second pass over column blocks
     (69, 48, (32, 16, 32), 32),     # several row and column chunks in the forward
+    (69, 8, (16, 16, 16), 32),      # 32 >= 4·D rows per block: one pass, 3 row blocks
 ])
 def test_fp32_matches_reference(n, d, tiles, chunk_rows):
     image, text, ls = testing.contrastive_inputs(n, d, logit_scale=math.log(20.0), seed=n)
-    loss, grads = _run(lambda *a: contrastive_loss_triton(*a, tiles=tiles, chunk_rows=chunk_rows),
+    loss, grads = testing.loss_and_grads(lambda *a: contrastive_loss_triton(*a, tiles=tiles, chunk_rows=chunk_rows),
                        image, text, ls)
+    _check(loss, grads, *_reference64(image, text, ls), FP32_TOL, ls)
+
+
+def test_backward_blocks_of_g_stay_within_the_bound(monkeypatch):
+    from loctex.kernels.triton import contrastive as C
+    # at the paper's largest batch a block of G holds at most G_BLOCK_BYTES (256 MiB)
+    n, d = 1 << 20, 512
+    for elt in (4, 2):
+        assert C._block_len(n, elt) * n * elt <= C.G_BLOCK_BYTES
+        assert C.backward_passes(n, n, d, elt) == 2
+    assert C.backward_passes(1 << 16, 1 << 16, d, 2) == 1     # 2,048 bf16 rows = 4·D in 256 MiB
+    # and the launcher keeps to it: a bound of 4 KiB on 45 x 45 float32 logits (16-row blocks)
+    monkeypatch.setattr(C, "G_BLOCK_BYTES", 4096)
+    shapes = []
+    softmax_grad = C._softmax_grad
+    monkeypatch.setattr(C, "_softmax_grad", lambda *a, **k: shapes.append(
+        (g := softmax_grad(*a, **k)).shape) or g)
+    image, text, ls = testing.contrastive_inputs(45, 24, seed=8)
+    loss, grads = testing.loss_and_grads(contrastive_loss_triton, image, text, ls)
+    assert max(r * c for r, c in shapes) * 4 <= 4096
+    assert {r for r, c in shapes} >= {45} and {c for r, c in shapes} >= {45}  # both passes ran
     _check(loss, grads, *_reference64(image, text, ls), FP32_TOL, ls)
 
 
 def test_dispatch_provider_triton():
     image, text, ls = testing.contrastive_inputs(37, 32, seed=1)
-    loss, grads = _run(lambda *a: K.contrastive_loss(*a, provider="triton"), image, text, ls)
+    loss, grads = testing.loss_and_grads(lambda *a: K.contrastive_loss(*a, provider="triton"), image, text, ls)
     _check(loss, grads, *_reference64(image, text, ls), FP32_TOL, ls)
 
 
 def test_clamped_logit_scale_has_zero_gradient():
     image, text, ls = testing.contrastive_inputs(21, 24, logit_scale=math.log(150.0), seed=2)
-    loss, grads = _run(lambda *a: K.contrastive_loss(*a, provider="triton"), image, text, ls)
+    loss, grads = testing.loss_and_grads(lambda *a: K.contrastive_loss(*a, provider="triton"), image, text, ls)
     ref_loss, ref_grads = _reference64(image, text, ls)
     assert grads[2].item() == 0.0 and ref_grads[2].item() == 0.0
     _check(loss, grads, ref_loss, ref_grads, FP32_TOL, ls)
@@ -81,7 +93,7 @@ def test_clamped_logit_scale_has_zero_gradient():
 
 def test_logit_scale_gradient_unclamped_is_nonzero():
     image, text, ls = testing.contrastive_inputs(21, 24, logit_scale=math.log(99.0), agreement=0.1, seed=3)
-    loss, grads = _run(lambda *a: K.contrastive_loss(*a, provider="triton"), image, text, ls)
+    loss, grads = testing.loss_and_grads(lambda *a: K.contrastive_loss(*a, provider="triton"), image, text, ls)
     ref_loss, ref_grads = _reference64(image, text, ls)
     assert abs(ref_grads[2].item()) > 1e-3
     _check(loss, grads, ref_loss, ref_grads, FP32_TOL, ls)
@@ -90,7 +102,7 @@ def test_logit_scale_gradient_unclamped_is_nonzero():
 @pytest.mark.parametrize("n, d, tiles, chunk_rows", [(69, 48, (16, 32, 16), 32), (16, 64, (16, 16, 32), None)])
 def test_bf16_inputs(n, d, tiles, chunk_rows):
     image, text, ls = testing.contrastive_inputs(n, d, dtype=torch.bfloat16, seed=4)
-    loss, grads = _run(lambda *a: contrastive_loss_triton(*a, tiles=tiles, chunk_rows=chunk_rows),
+    loss, grads = testing.loss_and_grads(lambda *a: contrastive_loss_triton(*a, tiles=tiles, chunk_rows=chunk_rows),
                        image, text, ls)
     assert grads[0].dtype == grads[1].dtype == torch.bfloat16
     # the reference sees the same (bf16-rounded) numbers, in float64
@@ -135,7 +147,7 @@ def _dist_worker(rank, port, out_dir):
         result = {}
         for name, fn in (("triton", lambda *a: distributed_contrastive_loss_triton(*a, chunk_rows=8)),
                          ("reference", reference.distributed_contrastive_loss)):
-            loss, grads = _run(fn, image[rows], text[rows], ls)
+            loss, grads = testing.loss_and_grads(fn, image[rows], text[rows], ls)
             result[name] = (loss, grads)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -153,7 +165,7 @@ def test_distributed_two_gloo_ranks(tmp_path):
             loss, (d_image, d_text, d_ls) = result[provider]
             rows = slice(r * N_LOCAL, (r + 1) * N_LOCAL)
             # value: the single-process loss of the concatenated batch, on every rank
-            assert abs(loss.double() - ref_loss).item() <= _loss_tol(FP32_TOL, ref_loss, ls), provider
+            assert abs(loss.double() - ref_loss).item() <= testing.contrastive_loss_tolerance(FP32_TOL, ref_loss, ls), provider
             # gradients, data-parallel form: world x the rank's slice of the single-process gradient
             for g, ref in ((d_image, g_image[rows]), (d_text, g_text[rows])):
                 err = (g.double() - WORLD * ref).abs().max().item()
@@ -165,48 +177,3 @@ def test_distributed_two_gloo_ranks(tmp_path):
     for result in ranks:
         for g_tri, g_ref in zip(result["triton"][1], result["reference"][1]):
             torch.testing.assert_close(g_tri, g_ref, rtol=1e-4, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# the CUDA path compiles (no GPU needed: Triton's bundled ptxas targets sm_90 offline)
-
-_COMPILE_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from loctex.kernels.triton import contrastive as C
-
-def compile_one(fn, pointers, ints, flags, config, dtype):
-    sig = {name: ("*" + dtype if name in ("a_ptr", "b_ptr", "g_ptr") else "*fp32") for name in pointers}
-    sig.update({name: "i32" for name in ints})
-    consts = dict(flags, **config.kwargs, PREC="tf32x3" if dtype == "fp32" else "tf32", UPCAST=False)
-    sig.update({name: "constexpr" for name in consts})
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    assert "wgmma" in kernel.asm["ptx"] or "mma" in kernel.asm["ptx"]
-
-config = C._CONFIGS[2]
-for dtype in ("bf16", "fp32"):
-    compile_one(C._fwd_kernel, ["a_ptr", "b_ptr", "scale_ptr", "row_m_ptr", "row_l_ptr", "col_m_ptr", "col_l_ptr"],
-                ["M", "N", "D", "stride_a", "stride_b", "M_KEY", "N_KEY"],
-                {"ROW_STATS": True, "COL_STATS": True}, config, dtype)
-    compile_one(C._grad_kernel, ["a_ptr", "b_ptr", "scale_ptr", "lse_r_ptr", "lse_c_ptr", "g_ptr", "ds_ptr"],
-                ["M", "N", "D", "stride_a", "stride_b", "stride_g", "diag_off", "M_KEY", "N_KEY"],
-                {"HAS_ROW": True, "HAS_COL": True, "COMPUTE_DS": True}, config, dtype)
-print("compiled")
-"""
-
-
-def test_cuda_kernels_compile_for_sm90():
-    import subprocess
-    import sys
-    import triton
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("triton's bundled ptxas is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]

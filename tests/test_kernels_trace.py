@@ -93,10 +93,14 @@ def test_render_float64_inputs_give_float64(provider):
 
 
 # ---- trace_attention_loss: values and gradients --------------------------------------------------
-SHAPES = {  # (B, L, grid, D): awkward sizes
-    "L1-grid1x1-D5": (2, 1, (1, 1), 5),
-    "grid3x5-D24": (2, 5, (3, 5), 24),
-    "grid7x7-L19-D40": (2, 19, (7, 7), 40),
+SHAPES = {  # (B, L, grid, D, scale): awkward sizes. Triton walks tokens in blocks of 16, cells in
+    # tiles of 32 and D in steps of 16 (float32) or 32 (16-bit): partial blocks, tiles and steps occur
+    "L1-grid1x1-D5": (2, 1, (1, 1), 5, 0.7),
+    "grid3x5-D24": (2, 5, (3, 5), 24, 0.7),
+    "grid7x7-L19-D40": (2, 19, (7, 7), 40, 0.7),
+    # a D no single tile could hold (38 steps); scale ~ 3/sqrt(D) keeps the logits at a few units,
+    # as the model's 1/sqrt(D) does (logits of ~20 would saturate the softmax: float32 noise)
+    "grid2x3-D601": (2, 3, (2, 3), 601, 0.12),
 }
 
 
@@ -104,16 +108,16 @@ SHAPES = {  # (B, L, grid, D): awkward sizes
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 def test_loss_matches_reference(provider, loss_type, shape):
-    B, L, grid, D = SHAPES[shape]
+    B, L, grid, D, scale = SHAPES[shape]
     x = inputs(B, L, grid, D, seed=list(SHAPES).index(shape))
-    assert_matches(loss_and_grads(provider, x, dtype=torch.float32, loss_type=loss_type),
-                   loss_and_grads("reference", x, loss_type=loss_type))
+    assert_matches(loss_and_grads(provider, x, dtype=torch.float32, loss_type=loss_type, scale=scale),
+                   loss_and_grads("reference", x, loss_type=loss_type, scale=scale))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("loss_type", ["kl", "mse"])
 def test_loss_grid_of_several_tiles_and_big_logits(provider, loss_type):
-    x = inputs(1, 3, (9, 11), 17, ppt=8)   # 99 cells: two grid tiles of 64 in Triton
+    x = inputs(1, 3, (9, 11), 17, ppt=8)   # 99 cells: four grid tiles of 32 in Triton
     x["q"] = x["q"] * 3.0                 # peaked attention: float32 logits of ~10
     assert_matches(loss_and_grads(provider, x, dtype=torch.float32, loss_type=loss_type, scale=1.0),
                    loss_and_grads("reference", x, loss_type=loss_type, scale=1.0), grad_tol=1e-4)
@@ -161,8 +165,9 @@ def test_batch_without_valid_target_gives_zero(provider, case):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("loss_type", ["kl", "l1"])
-def test_bfloat16_inputs(provider, loss_type):
-    x = inputs(2, 5, (3, 3), 24)
+@pytest.mark.parametrize("shape", [(2, 5, (3, 3), 24), (2, 18, (5, 7), 72)], ids=["D24", "L18-grid5x7-D72"])
+def test_bfloat16_inputs(provider, loss_type, shape):
+    x = inputs(*shape)
     x["q"], x["k"] = x["q"].bfloat16().double(), x["k"].bfloat16().double()  # same values for both
     loss, dq, dk = loss_and_grads(provider, x, dtype=torch.bfloat16, loss_type=loss_type)
     assert_matches((loss, dq, dk), loss_and_grads("reference", x, loss_type=loss_type),

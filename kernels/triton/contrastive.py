@@ -13,14 +13,21 @@ Backward: ``dL/dS = coef · G`` with ``G = P_row + P_col − 2·I`` (P = exp(S �
 coef = grad / 2N). ``_grad_kernel`` recomputes the logits of a block of rows against every column
 and writes that block of G (16-bit for 16-bit inputs); two GEMMs then give ``d(image) = coef·s·G B``
 and ``d(text) += coef·s·Gᵀ A`` at cuBLAS speed, and the kernel also sums ``G ∘ (A Bᵀ)`` for
-d(scale). The block holds ``max(4·D, 256 MiB worth)`` rows, so memory stays O(N · D) and the flops
-stay the nominal 8·N²·D of forward + backward. ``s = exp(logit_scale)`` clamped ≤ 100 is left to
+d(scale). A block of G holds at most 256 MiB (``G_BLOCK_BYTES``; N = 2²⁰, D = 512: 64 float32 or
+128 bf16 rows), so memory stays O(N · D): the embeddings, their float32 gradients and one block.
+Where a block has room for >= 4·D rows the flops are the nominal 8·N²·D of forward + backward;
+beyond (D = 512: N > 65,536 bf16, N > 32,768 float32) d(text) comes from a second pass over
+column blocks (see ``_grads``), 10·N²·D in all. ``s = exp(logit_scale)`` clamped ≤ 100 is left to
 PyTorch autograd, so the clamp's zero gradient is exactly torch's.
+
+The ops are torch custom ops (``loctex::contrastive_loss_triton`` and its backward), so
+``torch.compile`` traces a model's step through them without a graph break.
 
 Everything works on "rows ``a`` against columns ``b`` with the positive pair of row i at column
 ``i + diag_off``": the distributed loss (local rows vs gathered columns, one direction at a time)
 runs the same kernels. Accumulation is float32; bf16/fp16 operands feed the tensor cores
-directly, float32 operands use 3xTF32 (close to float32 accuracy).
+directly — bf16 embeddings are the fast path (a third of the MMA work of float32), float32
+operands use 3xTF32 (close to float32 accuracy; ``common.dot``).
 
 Precision: each LSE is one float32, so the loss and exp(S − LSE) carry an absolute error of about
 ulp(largest logit) (~4e-6 at s = 100) — invisible at ordinary losses, but when the softmax
@@ -31,7 +38,7 @@ The kernels use no atomics: the partials merge in a fixed order.
 from __future__ import annotations
 
 import math
-import os
+from typing import Optional
 
 import torch
 import triton
@@ -39,8 +46,8 @@ import triton.language as tl
 
 from ..distributed import all_gather_rows, rank_offset_and_total, reduce_scatter_rows
 from ..reference import MAX_LOGIT_SCALE
+from .common import INTERPRET, dot
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 INTERPRET_TILES = (16, 16, 16)  # fixed (BLOCK_M, BLOCK_N, BLOCK_K) under TRITON_INTERPRET=1
@@ -48,20 +55,9 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # The interpreter multiplies bf16/fp16 tiles as raw integers (triton 3.x); upcasting there is
-    # exact (products of 16-bit floats are exact in float32) and keeps the GPU's numerics.
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        out = tl.dot(a, b, input_precision=PREC)
-    return out
-
-
-@triton.jit
 def _dots(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_a, stride_b,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          PREC: tl.constexpr, UPCAST: tl.constexpr):
+          INTERPRET: tl.constexpr):
     """``a[offs_m] · b[offs_n]ᵀ`` in float32, K-loop over D (masked rows read as 0)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_a
@@ -71,7 +67,7 @@ def _dots(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_a, stride_b,
         mask_k = offs_k < D
         a = tl.load(a_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc += _mm(a, tl.trans(b), PREC, UPCAST)
+        acc += dot(a, tl.trans(b), INTERPRET)
     return acc
 
 
@@ -80,7 +76,7 @@ def _fwd_kernel(a_ptr, b_ptr, scale_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_
                 M, N, D, stride_a, stride_b, M_KEY, N_KEY,
                 ROW_STATS: tl.constexpr, COL_STATS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr):
+                INTERPRET: tl.constexpr):
     """Program (r, c): rows of chunk r against columns of chunk c. Writes, in base 2,
     row partials [c, M] (max, sum-exp) and column partials [r, N]."""
     pid_r = tl.program_id(0)
@@ -105,7 +101,7 @@ def _fwd_kernel(a_ptr, b_ptr, scale_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_
             offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             s = _dots(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_a, stride_b,
-                      BLOCK_M, BLOCK_N, BLOCK_K, PREC, UPCAST) * scale2
+                      BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET) * scale2
             if ROW_STATS:
                 s_r = tl.where(mask_n[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s_r, 1))
@@ -132,9 +128,9 @@ def _fwd_kernel(a_ptr, b_ptr, scale_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_
 @triton.jit
 def _grad_kernel(a_ptr, b_ptr, scale_ptr, lse_r_ptr, lse_c_ptr, g_ptr, ds_ptr,
                  M, N, D, stride_a, stride_b, stride_g, diag_off, M_KEY, N_KEY,
-                 HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, COMPUTE_DS: tl.constexpr,
+                 HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 INTERPRET: tl.constexpr):
     """One tile of ``G = exp2(S2 − lse_r) + exp2(S2 − lse_c) − k·I`` (base-2 logits and LSEs;
     k = number of directions), stored in g's dtype; ``ds[pid] = Σ G ∘ (a bᵀ)`` over the tile."""
     pid = tl.program_id(0)
@@ -146,7 +142,7 @@ def _grad_kernel(a_ptr, b_ptr, scale_ptr, lse_r_ptr, lse_c_ptr, g_ptr, ds_ptr,
     mask_m = offs_m < M
     mask_n = offs_n < N
     dots = _dots(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_a, stride_b,
-                 BLOCK_M, BLOCK_N, BLOCK_K, PREC, UPCAST)
+                 BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET)
     s = dots * (tl.load(scale_ptr) * 1.4426950408889634)
     g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if HAS_ROW:
@@ -159,33 +155,48 @@ def _grad_kernel(a_ptr, b_ptr, scale_ptr, lse_r_ptr, lse_c_ptr, g_ptr, ds_ptr,
     g = tl.where(mask, g, 0.0)
     tl.store(g_ptr + offs_m.to(tl.int64)[:, None] * stride_g + offs_n[None, :],
              g.to(g_ptr.dtype.element_ty), mask=mask)
-    if COMPUTE_DS:
-        tl.store(ds_ptr + pid, tl.sum(tl.sum(g * dots, 1), 0))
+    tl.store(ds_ptr + pid, tl.sum(tl.sum(g * dots, 1), 0))
 
 
 # ----------------------------------------------------------------------------------------------
 # autotuning (CUDA only; the interpreter uses INTERPRET_TILES or the caller's tiles)
 
-def _prune(configs, named_args, **kwargs):
-    elt = named_args["a_ptr"].element_size()
-    keep = [c for c in configs
-            # operand tiles in shared memory, num_stages deep
-            if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elt * c.num_stages <= 160 * 1024
-            # <= 32 logits per thread: bigger tiles spill on sm_90 (checked with ptxas: 128x128 on
-            # 8 warps needs > 255 registers in both kernels, 64x128 needs 98-168)
-            and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps]
-    return keep or configs[:1]
-
-
+# one K step reads 64 B of each row: BLOCK_K = 32 (16-bit), 16 (float32). sm_80's mma.sync takes
+# its operands from registers, and 128 B steps spill there (sm_90's wgmma reads shared memory)
+K_STEP_BYTES = 64
 _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bm, bn, w in ((64, 64, 4), (64, 128, 8), (128, 64, 8), (64, 64, 8))
-            for bk in (32, 64) for st in (3, 4)]
+            # <= 32 logits per thread: bigger tiles spill (tests/test_kernels_compile.py compiles
+            # each for sm_80 and sm_90)
+            for bm, bn, w, st in ((64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 8, 3))
+            for bk in (16, 32)]
 _MAX_TUNED_BLOCK = max(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _CONFIGS)
+# (ROW_STATS, COL_STATS) and (HAS_ROW, HAS_COL) of the launches: single process, distributed
+_STATS_VARIANTS = ((True, True), (True, False))
+
+
+def _configs_for(configs, element_size: int):
+    return [c for c in configs if c.kwargs["BLOCK_K"] * element_size == K_STEP_BYTES]
+
+
+def _prune(configs, named_args, **kwargs):
+    return _configs_for(configs, named_args["a_ptr"].element_size())
+
+
 _fwd_tuned = triton.autotune(_CONFIGS, key=["M_KEY", "N_KEY", "D", "ROW_STATS", "COL_STATS"],
                              prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
-_grad_tuned = triton.autotune(_CONFIGS, key=["M_KEY", "N_KEY", "D", "HAS_ROW", "HAS_COL", "COMPUTE_DS"],
+_grad_tuned = triton.autotune(_CONFIGS, key=["M_KEY", "N_KEY", "D", "HAS_ROW", "HAS_COL"],
                               prune_configs_by={"early_config_prune": _prune},
                               reset_to_zero=["ds_ptr"])(_grad_kernel)
+
+
+def launch_space(dtype):
+    """Every (kernel, meta) the autotuners can pick for inputs of ``dtype``, for
+    tests/test_kernels_compile.py."""
+    for c in _configs_for(_CONFIGS, torch.empty((), dtype=dtype).element_size()):
+        meta = dict(c.kwargs, INTERPRET=False, num_warps=c.num_warps, num_stages=c.num_stages)
+        for row, col in _STATS_VARIANTS:
+            yield _fwd_kernel, dict(meta, ROW_STATS=row, COL_STATS=col)
+            yield _grad_kernel, dict(meta, HAS_ROW=row, HAS_COL=col)
 
 
 def _size_key(n: int) -> int:
@@ -195,15 +206,10 @@ def _size_key(n: int) -> int:
 
 def _kernel_and_meta(tuned, plain, tiles):
     """(kernel, fixed meta, largest BLOCK_M/BLOCK_N it may use)."""
-    if tiles is None and not _INTERPRET:
+    if tiles is None and not INTERPRET:
         return tuned, {}, _MAX_TUNED_BLOCK
     bm, bn, bk = tiles or INTERPRET_TILES
     return plain, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, max(bm, bn)
-
-
-def _precision(t: torch.Tensor) -> dict:
-    return {"PREC": "tf32x3" if t.dtype == torch.float32 else "tf32",
-            "UPCAST": _INTERPRET and t.dtype != torch.float32}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +232,7 @@ def _lse2(a, b, scale, row_stats: bool, col_stats: bool, tiles=None):
     col_l = torch.empty_like(col_m)
     kernel[(n_r, n_c)](a, b, scale, row_m, row_l, col_m, col_l, M, N, D, a.stride(0), b.stride(0),
                        _size_key(M), _size_key(N), ROW_STATS=row_stats, COL_STATS=col_stats,
-                       **meta, **_precision(a))
+                       INTERPRET=INTERPRET, **meta)
 
     def merge(m2, l):  # chunk partials -> base-2 LSE (kept in base 2: no rounding on the way back)
         top = m2.max(dim=0).values
@@ -243,13 +249,13 @@ def _softmax_grad(a, b, scale, lse_r, lse_c, diag_off: int, ds_out, tiles=None):
     g = torch.empty((M, N), device=a.device, dtype=a.dtype)
     min_bm, min_bn = (meta["BLOCK_M"], meta["BLOCK_N"]) if meta else (
         min(c.kwargs["BLOCK_M"] for c in _CONFIGS), min(c.kwargs["BLOCK_N"] for c in _CONFIGS))
-    ds = torch.zeros(triton.cdiv(M, min_bm) * triton.cdiv(N, min_bn) if ds_out is not None else 1,
-                     device=a.device, dtype=torch.float32)
+    ds = torch.zeros(triton.cdiv(M, min_bm) * triton.cdiv(N, min_bn), device=a.device,
+                     dtype=torch.float32)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
     kernel[grid](a, b, scale, scale if lse_r is None else lse_r, scale if lse_c is None else lse_c,
                  g, ds, M, N, D, a.stride(0), b.stride(0), g.stride(0), diag_off, _size_key(M),
                  _size_key(N), HAS_ROW=lse_r is not None, HAS_COL=lse_c is not None,
-                 COMPUTE_DS=ds_out is not None, **meta, **_precision(a))
+                 INTERPRET=INTERPRET, **meta)
     if ds_out is not None:
         ds_out += ds.sum()
     return g
@@ -276,32 +282,59 @@ def _mm_f32(x, y, out=None):
     return r if out is None else out.add_(r)
 
 
-def _chunk_rows(M: int, N: int, D: int, elt: int) -> int:
-    """Rows of G per block: 256 MiB of G, but at least 4·D rows (keeps the GEMMs efficient and
-    the block O(N·D)), a multiple of 128."""
-    rows = max(4 * D, (256 << 20) // max(1, N * elt))
-    return min(M, max(128, rows // 128 * 128))
+G_BLOCK_BYTES = 256 << 20   # the most of G the backward holds at once
+
+
+def _block_len(other: int, elt: int) -> int:
+    """Rows (columns) of a G block against ``other`` columns (rows): G_BLOCK_BYTES worth, a
+    multiple of 16, at least 16 (so beyond other = 2²² float32 columns a block exceeds the bound)."""
+    return max(16, G_BLOCK_BYTES // max(1, other * elt) // 16 * 16)
+
+
+def backward_passes(m: int, n: int, dim: int, element_size: int, chunk_rows=None) -> int:
+    """How many times the backward computes G for rows [m, dim] against columns [n, dim]: 1, or 2
+    when d(columns) needs a pass of its own over column blocks (``_grads``; then the backward
+    does 6·m·n·dim matmul flops instead of 4 and computes 2·m·n more exps)."""
+    rows = chunk_rows or _block_len(n, element_size)
+    return 2 if rows < min(m, 4 * dim) else 1
 
 
 def _grads(a, b, scale, coef, lse_r, lse_c, diag_off: int, need_a: bool, need_b: bool,
            need_s: bool, tiles=None, chunk_rows=None):
     """Gradients of ``coef · Σ_{rows} (LSEs − positive logit)`` over the block ``s · a bᵀ``:
-    (dA [M, D], dB [N, D], d scale [1]) in float32, each None when not needed."""
+    (dA [M, D], dB [N, D], d scale [1]) in float32, each None when not needed.
+
+    A block of rows against every column gives dA's rows and adds the block's share into all of
+    dB. That read-modify-write of dB ([N, D] float32) outweighs the block's GEMM when the block
+    has fewer than ~4·D rows — as it must at large N to keep G bounded (N = 2²⁰: 64 float32 rows
+    in 256 MiB) — and then dB comes from a second pass over blocks of columns against every row
+    (G recomputed: 2·N²·D more flops, dB written once)."""
     M, D = a.shape
     N = b.shape[0]
-    rows = chunk_rows or _chunk_rows(M, N, D, a.element_size())
+    elt = a.element_size()
+    rows = chunk_rows or _block_len(N, elt)
+    by_columns = need_b and backward_passes(M, N, D, elt, chunk_rows) == 2
     da = torch.empty((M, D), device=a.device, dtype=torch.float32) if need_a else None
     db = torch.zeros((N, D), device=a.device, dtype=torch.float32) if need_b else None
     ds = torch.zeros(1, device=a.device, dtype=torch.float32) if need_s else None
-    for r0 in range(0, M, rows):
-        r1 = min(M, r0 + rows)
-        g = _softmax_grad(a[r0:r1], b, scale, None if lse_r is None else lse_r[r0:r1], lse_c,
-                          diag_off + r0, ds, tiles)
-        if need_a:
-            da[r0:r1] = _mm_f32(g, b)
-        if need_b:
-            _mm_f32(g.t(), a[r0:r1], out=db)
-        del g
+    if need_a or need_s or (need_b and not by_columns):
+        for r0 in range(0, M, rows):
+            r1 = min(M, r0 + rows)
+            g = _softmax_grad(a[r0:r1], b, scale, None if lse_r is None else lse_r[r0:r1], lse_c,
+                              diag_off + r0, ds, tiles)
+            if need_a:
+                da[r0:r1] = _mm_f32(g, b)
+            if need_b and not by_columns:
+                _mm_f32(g.t(), a[r0:r1], out=db)
+            del g
+    if by_columns:
+        cols = chunk_rows or _block_len(M, elt)
+        for c0 in range(0, N, cols):
+            c1 = min(N, c0 + cols)
+            g = _softmax_grad(a, b[c0:c1], scale, lse_r, None if lse_c is None else lse_c[c0:c1],
+                              diag_off - c0, None, tiles)
+            db[c0:c1] = _mm_f32(g.t(), a)
+            del g
     factor = coef * scale
     return (None if da is None else da.mul_(factor), None if db is None else db.mul_(factor),
             None if ds is None else ds.mul_(coef))
@@ -336,34 +369,73 @@ def _local_loss(lse_i2t, lse_t2i, image, text, scale):
     return 0.5 * ((lse_i2t * LN2 - diag).sum() + (lse_t2i * LN2 - diag).sum()) / image.shape[0]
 
 
-class _ContrastiveLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, image, text, scale, tiles, chunk_rows):
-        lse_r, lse_c = _lse2(image, text, scale, True, True, tiles)
-        ctx.save_for_backward(image, text, scale, lse_r, lse_c)
-        ctx.opts = (tiles, chunk_rows)
-        return _local_loss(lse_r, lse_c, image, text, scale)
+@torch.library.custom_op("loctex::contrastive_loss_triton", mutates_args=())
+def _loss_op(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+             tiles: Optional[list[int]], chunk_rows: Optional[int]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss [] float32, base-2 row and column LSEs [N] float32 for the backward). A torch
+    custom op: torch.compile sees one node (fake and autograd rules below)."""
+    lse_r, lse_c = _lse2(image, text, scale, True, True, tiles)
+    return _local_loss(lse_r, lse_c, image, text, scale), lse_r, lse_c
 
-    @staticmethod
-    def backward(ctx, grad):
-        image, text, scale, lse_r, lse_c = ctx.saved_tensors
-        need_i, need_t, need_s = ctx.needs_input_grad[:3]
-        coef = (grad.float() / (2 * image.shape[0])).reshape(1)
-        d_image, d_text, ds = _grads(image, text, scale, coef, lse_r, lse_c, 0, need_i, need_t,
-                                     need_s, *ctx.opts)
-        return (None if d_image is None else d_image.to(image.dtype),
-                None if d_text is None else d_text.to(text.dtype), ds, None, None)
+
+@_loss_op.register_fake
+def _(image, text, scale, tiles, chunk_rows):
+    n = image.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return image.new_empty((), **f32), image.new_empty((n,), **f32), image.new_empty((n,), **f32)
+
+
+@torch.library.custom_op("loctex::contrastive_loss_triton_backward", mutates_args=())
+def _loss_backward_op(grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
+                      scale: torch.Tensor, lse_r: torch.Tensor, lse_c: torch.Tensor,
+                      tiles: Optional[list[int]], chunk_rows: Optional[int], need_image: bool,
+                      need_text: bool, need_scale: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (d image, d text, d scale); an empty tensor for each gradient not needed."""
+    coef = (grad.float() / (2 * image.shape[0])).reshape(1)
+    d_image, d_text, ds = _grads(image, text, scale, coef, lse_r, lse_c, 0, need_image, need_text,
+                                 need_scale, tiles, chunk_rows)
+    return (image.new_empty(0) if d_image is None else d_image.to(image.dtype),
+            text.new_empty(0) if d_text is None else d_text.to(text.dtype),
+            scale.new_empty(0) if ds is None else ds)
+
+
+@_loss_backward_op.register_fake
+def _(grad, image, text, scale, lse_r, lse_c, tiles, chunk_rows, need_image, need_text, need_scale):
+    return (torch.empty_like(image) if need_image else image.new_empty(0),
+            torch.empty_like(text) if need_text else text.new_empty(0),
+            torch.empty_like(scale) if need_scale else scale.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    image, text, scale, tiles, chunk_rows = inputs
+    ctx.save_for_backward(image, text, scale, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.opts = (tiles, chunk_rows)
+
+
+def _backward(ctx, grad, _grad_lse_r, _grad_lse_c):
+    image, text, scale, lse_r, lse_c = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    grads = _loss_backward_op(grad, image, text, scale, lse_r, lse_c, *ctx.opts, *need)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None, None)
+
+
+_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def contrastive_loss_triton(image_emb, text_emb, logit_scale, *, tiles=None, chunk_rows=None):
     """Symmetric InfoNCE of DESIGN §3 (value and gradients as ``reference.contrastive_loss``).
 
-    ``tiles=(BLOCK_M, BLOCK_N, BLOCK_K)`` fixes the tiles and ``chunk_rows`` the rows of G per
-    backward block (tests, benchmarks); by default CUDA autotunes, the interpreter uses
-    ``INTERPRET_TILES``, and blocks hold ``_chunk_rows`` rows. Returns a float32 scalar."""
+    ``tiles=(BLOCK_M, BLOCK_N, BLOCK_K)`` fixes the tiles and ``chunk_rows`` the rows (and
+    columns) of G per backward block (tests, benchmarks); by default CUDA autotunes, the
+    interpreter uses ``INTERPRET_TILES``, and blocks hold ``G_BLOCK_BYTES``. Returns a float32
+    scalar."""
     image, text = _prepare(image_emb, text_emb)
     scale = _scale(logit_scale, image.device)
-    return _ContrastiveLoss.apply(image, text, scale, tiles, chunk_rows)
+    loss, _, _ = _loss_op(image, text, scale, None if tiles is None else list(tiles), chunk_rows)
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,23 +60,55 @@ def trace_tensors(points_xy, point_weights, token_ranges):
             token_ranges.to(torch.int32).reshape(-1, 2).contiguous())
 
 
-def render_traces_triton(points_xy, point_weights, token_ranges, grid_hw, sigma,
-                         block_n: int | None = None, block_p: int = 16):
-    """-> (heat [B, L, H, W] float32 — float64 for float64 inputs —, valid [B, L] bool)."""
-    B, L = token_ranges.shape[:2]
-    H, W = int(grid_hw[0]), int(grid_hw[1])
-    N = H * W
-    pts, wts, ranges = trace_tensors(points_xy, point_weights, token_ranges)
-    block_n = block_n or min(128, max(16, triton.next_power_of_2(N)))
-    n_tiles = triton.cdiv(N, block_n)
-    heat = torch.empty(B * L, N, device=pts.device, dtype=torch.float32)
-    tile_sum = torch.empty(B * L, n_tiles, device=pts.device, dtype=torch.float32)
-    if B * L > 0:
-        _render_kernel[(B * L, n_tiles)](
-            pts, wts, ranges, heat, tile_sum, H, W, N, -1.0 / (2.0 * float(sigma) ** 2),
-            BLOCK_N=block_n, BLOCK_P=block_p)
+BLOCK_P = 16                              # points per step of a token's range
+BLOCK_NS = (16, 32, 64, 128)              # grid cells per program: the grid's size, up to 128
+
+
+def _meta(N: int) -> dict:
+    block_n = min(BLOCK_NS[-1], max(BLOCK_NS[0], triton.next_power_of_2(N)))
+    return dict(BLOCK_N=block_n, BLOCK_P=BLOCK_P, num_warps=4, num_stages=3)
+
+
+def launch_space(dtype):
+    """Every (kernel, meta) the launcher can pick, for tests/test_kernels_compile.py. The kernel
+    reads float32 traces whatever the model's dtype: listed under float32 only."""
+    if dtype == torch.float32:
+        for block_n in BLOCK_NS:
+            yield _render_kernel, _meta(block_n)
+
+
+@torch.library.custom_op("loctex::render_traces_triton", mutates_args=())
+def _render_op(pts: torch.Tensor, wts: torch.Tensor, ranges: torch.Tensor, grid_h: int,
+               grid_w: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (heat [B·L, H·W] float32, valid [B·L] bool) for the kernels' trace tensors."""
+    N = grid_h * grid_w
+    n_tok = ranges.shape[0]
+    meta = _meta(N)
+    n_tiles = triton.cdiv(N, meta["BLOCK_N"])
+    heat = torch.empty(n_tok, N, device=pts.device, dtype=torch.float32)
+    tile_sum = torch.empty(n_tok, n_tiles, device=pts.device, dtype=torch.float32)
+    if n_tok > 0:
+        _render_kernel[(n_tok, n_tiles)](
+            pts, wts, ranges, heat, tile_sum, grid_h, grid_w, N, -1.0 / (2.0 * float(sigma) ** 2),
+            **meta)
     total = tile_sum.sum(1)
     valid = total > RENDER_EPS  # False for NaN too
     heat = torch.where(valid[:, None], heat / total.clamp_min(RENDER_EPS)[:, None], 0.0)
+    return heat, valid
+
+
+@_render_op.register_fake
+def _(pts, wts, ranges, grid_h, grid_w, sigma):
+    n_tok = ranges.shape[0]
+    return (pts.new_empty((n_tok, grid_h * grid_w), dtype=torch.float32),
+            pts.new_empty((n_tok,), dtype=torch.bool))
+
+
+def render_traces_triton(points_xy, point_weights, token_ranges, grid_hw, sigma):
+    """-> (heat [B, L, H, W] float32 — float64 for float64 inputs —, valid [B, L] bool)."""
+    B, L = token_ranges.shape[:2]
+    H, W = int(grid_hw[0]), int(grid_hw[1])
+    heat, valid = _render_op(*trace_tensors(points_xy, point_weights, token_ranges), H, W,
+                             float(sigma))
     out_dtype = torch.float64 if torch.float64 in (points_xy.dtype, point_weights.dtype) else torch.float32
     return heat.reshape(B, L, H, W).to(out_dtype), valid.reshape(B, L)
