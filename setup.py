@@ -78,7 +78,7 @@ setup(
         # the README pins torch==2.14.1 torchvision==0.29.1 for CPU machines.
         "torch>=2.4", "torchvision>=0.19",
         "numpy", "pyyaml", "rich", "tokenizers", "transformers", "pycocotools", "pillow",
-        "safetensors", "scikit-learn", "deepspeed", "ninja", "matplotlib", "simplejpeg", "orjson",
+        "safetensors", "scikit-learn", "deepspeed", "ninja", "xxhash", "matplotlib", "simplejpeg", "orjson",
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
