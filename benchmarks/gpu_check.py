@@ -315,7 +315,10 @@ def check(out_dir: str, dry_run: bool, budget_s: float, python: str | None = Non
             python = make_venv(VENV)
             stage = {"name": "install", "status": "ok", "seconds": 0.0, "tail": ""}
             for cmd in install_commands(python, dry_run):
-                stage = run_stage("install", cmd, remaining("install"), log=log)
+                # The GPU check is about the GPU kernels: the CPU ops are not built (a GPU image may
+                # have no CMake), and the C++ tests are deselected below.
+                stage = run_stage("install", cmd, remaining("install"),
+                                  dict(os.environ, LOCTEX_BUILD_CPP="0"), log=log)
                 if stage["status"] != "ok":
                     break
         except (OSError, subprocess.CalledProcessError) as exc:
@@ -334,6 +337,8 @@ def check(out_dir: str, dry_run: bool, budget_s: float, python: str | None = Non
     # 3. kernel tests against the float64 reference: compiled on the GPU; the rehearsal interprets
     junit = os.path.join(out_dir, "gpu-check_kernel-tests.xml")
     test_env = dict(env, TRITON_INTERPRET="1" if dry_run else "0", LOCTEX_TEST_DEVICE=device)
+    if not dry_run:
+        test_env.update(LOCTEX_REQUIRE_CPP="0", LOCTEX_JIT_BUILD="0")
     selection = (["tests/test_kernels_contrastive.py", "-k", "dispatch_provider_triton or rejects_bad_shapes"]
                  if dry_run else [t for t in sorted(glob.glob(os.path.join(ROOT, "tests", "test_kernels_*.py")))
                                   if os.path.basename(t) not in CPU_ONLY_TESTS] + ["-k", "not cpp and not gloo"])

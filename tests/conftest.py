@@ -26,6 +26,7 @@ def pytest_sessionstart(session):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "cpp: uses the C++ CPU ops (deselect with -m 'not cpp')")
     config.addinivalue_line("markers", "slow: end-to-end runs of tens of seconds "
                                        "(deselect with -m 'not slow')")
 
