@@ -164,18 +164,26 @@ def contrastive_fused(n: int, dim: int, dtype: torch.dtype) -> Cost:
     reading A and B once more); dA, dB float32 out, then cast (read float32, write dtype).
     Matmuls: 8·N²·D (logits twice, two gradient GEMMs); 16-bit operands at the tensor-core rate,
     float32 ones as 3xTF32 (three TF32 products each). Exps: one per logit and direction, forward
-    and backward (4·N²)."""
+    and backward (4·N²). When G's row blocks are too short for one backward pass
+    (``backward_passes`` = 2, large N), dB comes from a second pass that recomputes G over column
+    blocks: 10·N²·D matmul flops, 6·N² exps, and G written and read twice."""
+    from .triton.contrastive import backward_passes
+
     e = _elt(dtype)
+    passes = backward_passes(n, n, dim, e)
     emb = 2 * n * dim * e
     forward = 2 * emb + 2 * n * 4
-    backward = 2 * emb + 2 * n * 4 + 3 * n * n * e + 2 * n * dim * 4
+    g_bytes = (3 if passes == 1 else 4) * n * n * e
+    backward = passes * (2 * emb + 2 * n * 4) + g_bytes + 2 * n * dim * 4
     casts = 2 * n * dim * (4 + e)
+    flops = (8.0 if passes == 1 else 10.0) * n * n * dim
     if dtype in (torch.bfloat16, torch.float16):
-        mma, mma_dtype = 8.0 * n * n * dim, _name(dtype)
+        mma, mma_dtype = flops, _name(dtype)
     else:
-        mma, mma_dtype = 3 * 8.0 * n * n * dim, "tf32"
+        mma, mma_dtype = 3 * flops, "tf32"
     return Cost(bytes=forward + backward + casts, mma_flops=mma, mma_dtype=mma_dtype,
-                vector_flops=SOFTMAX_FLOPS_PER_LOGIT * 2 * n * n, transcendentals=4.0 * n * n)
+                vector_flops=SOFTMAX_FLOPS_PER_LOGIT * 2 * n * n,
+                transcendentals=(4.0 if passes == 1 else 6.0) * n * n)
 
 
 # ----------------------------------------------------------------------------------------------

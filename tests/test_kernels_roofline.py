@@ -63,6 +63,18 @@ def test_contrastive_fused_formula_by_hand():
     assert (c32.mma_flops, c32.mma_dtype) == (3 * 8 * 9 * 4, "tf32")
 
 
+def test_contrastive_fused_counts_the_second_backward_pass_at_large_n():
+    # N = 2^20, D = 512, bf16: G's row blocks hold 128 rows < 4·D, so the backward recomputes G
+    # over column blocks for the text gradient (kernels/triton/contrastive.py).
+    n, d = 1 << 20, 512
+    c = roofline.contrastive_fused(n, d, torch.bfloat16)
+    assert c.mma_flops == 10.0 * n * n * d
+    assert c.transcendentals == 6.0 * n * n
+    assert c.bytes > 4 * n * n * 2          # G written and read twice
+    small = roofline.contrastive_fused(4096, d, torch.bfloat16)
+    assert small.mma_flops == 8.0 * 4096 * 4096 * d
+
+
 def test_reference_counts_extrapolate_exactly_and_match_the_known_matmuls():
     B, L, grid, D, ppt = 3, 5, (3, 4), 8, 3
     direct = roofline._count_trace("trace_attention_loss", B, L, grid, D, ppt, torch.bfloat16)
