@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import all_gather_rows, rank_offset_and_total, reduce_scatter_rows
+from .distributed import GlobalNegativesLoss, rank_offset_and_total
 from .reference import MAX_LOGIT_SCALE
 
 # one block of logits (the backward holds three): 64 MiB keeps the GEMMs as fast as one N x N
@@ -127,37 +127,20 @@ class _BlockedContrastiveLoss(torch.autograd.Function):
         return d_image, d_text, ds, None
 
 
-class _BlockedDistributedContrastiveLoss(torch.autograd.Function):
-    """Value: the global loss. Gradients: those of this rank's local loss (its rows against every
-    column), the column gradients summed over ranks into their owners — the data-parallel
-    convention of ``reference.distributed_contrastive_loss``."""
+class _BlockedPieces:
+    """The blocked implementation's pieces for :class:`~loctex.kernels.distributed.GlobalNegativesLoss`."""
 
-    @staticmethod
-    def forward(ctx, image, text, scale, group, offset, world, block_rows):
-        import torch.distributed as dist
-        all_image = all_gather_rows(image, group)
-        all_text = all_gather_rows(text, group)
-        lse_i2t, _ = lse(image, all_text, scale, True, False, block_rows)  # local images vs all captions
-        lse_t2i, _ = lse(text, all_image, scale, True, False, block_rows)  # local captions vs all images
-        local = _local_loss(lse_i2t, lse_t2i, image, text, scale)
-        total = local.detach().clone()
-        dist.all_reduce(total, group=group)
-        ctx.save_for_backward(image, text, all_image, all_text, scale, lse_i2t, lse_t2i)
-        ctx.group, ctx.offset, ctx.block_rows = group, offset, block_rows
-        return total / world
+    def __init__(self, block_rows: int | None):
+        self.block_rows = block_rows
 
-    @staticmethod
-    def backward(ctx, grad):
-        image, text, all_image, all_text, scale, lse_i2t, lse_t2i = ctx.saved_tensors
-        need_s = ctx.needs_input_grad[2]
-        coef = grad.reshape(1) / (2 * image.shape[0])
-        d_image, d_all_text, ds_i2t = grads(image, all_text, scale, coef, lse_i2t, None, ctx.offset,
-                                            True, True, need_s, ctx.block_rows)
-        d_text, d_all_image, ds_t2i = grads(text, all_image, scale, coef, lse_t2i, None, ctx.offset,
-                                            True, True, need_s, ctx.block_rows)
-        d_image += reduce_scatter_rows(d_all_image, ctx.group)
-        d_text += reduce_scatter_rows(d_all_text, ctx.group)
-        return d_image, d_text, ds_i2t + ds_t2i if need_s else None, None, None, None, None
+    def lse(self, rows, cols, scale):
+        return lse(rows, cols, scale, True, False, self.block_rows)[0]
+
+    local_loss = staticmethod(_local_loss)
+
+    def grads(self, rows, cols, scale, coef, lse_rows, offset, need_s):
+        return grads(rows, cols, scale, coef, lse_rows, None, offset, True, True, need_s,
+                     self.block_rows)
 
 
 def _prepare(image_emb, text_emb, logit_scale):
@@ -191,4 +174,4 @@ def distributed_contrastive_loss_blocked(image_emb, text_emb, logit_scale, group
         return contrastive_loss_blocked(image_emb, text_emb, logit_scale, block_rows=block_rows)
     image, text, scale = _prepare(image_emb, text_emb, logit_scale)
     _, world, offset, _ = rank_offset_and_total(image.shape[0], group)
-    return _BlockedDistributedContrastiveLoss.apply(image, text, scale, group, offset, world, block_rows)
+    return GlobalNegativesLoss.apply(image, text, scale, group, offset, world, _BlockedPieces(block_rows))

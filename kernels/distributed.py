@@ -80,6 +80,47 @@ def gather_rows_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     return _GatherRowsWithGrad.apply(x, group)
 
 
+class GlobalNegativesLoss(torch.autograd.Function):
+    """The contrastive loss over the global batch, from any implementation's blockwise pieces.
+
+    Value: the global loss (each rank's local rows against every gathered column, summed over
+    ranks). Gradients: those of this rank's local loss, with the column gradients summed over
+    ranks into their owners -- the data-parallel convention of
+    ``reference.distributed_contrastive_loss``. ``impl`` supplies, for one implementation
+    (Triton, blocked torch):
+
+    * ``lse(rows, cols, scale)`` -> the rows' log-sum-exp over ``scale · rows colsᵀ``;
+    * ``local_loss(lse_i2t, lse_t2i, image, text, scale)`` -> this rank's loss;
+    * ``grads(rows, cols, scale, coef, lse_rows, offset, need_scale)`` -> (d rows, d cols,
+      d scale) of ``coef · Σ_rows (lse − positive logit)``, positives at column ``offset + i``.
+    """
+
+    @staticmethod
+    def forward(ctx, image, text, scale, group, offset, world, impl):
+        all_image = all_gather_rows(image, group)
+        all_text = all_gather_rows(text, group)
+        lse_i2t = impl.lse(image, all_text, scale)   # local images vs all captions
+        lse_t2i = impl.lse(text, all_image, scale)   # local captions vs all images
+        total = impl.local_loss(lse_i2t, lse_t2i, image, text, scale).detach().clone()
+        _dist().all_reduce(total, group=group)
+        ctx.save_for_backward(image, text, all_image, all_text, scale, lse_i2t, lse_t2i)
+        ctx.group, ctx.offset, ctx.impl = group, offset, impl
+        return total / world
+
+    @staticmethod
+    def backward(ctx, grad):
+        image, text, all_image, all_text, scale, lse_i2t, lse_t2i = ctx.saved_tensors
+        need_s = ctx.needs_input_grad[2]
+        coef = (grad.float() / (2 * image.shape[0])).reshape(1)
+        grads = ctx.impl.grads
+        d_image, d_all_text, ds_i2t = grads(image, all_text, scale, coef, lse_i2t, ctx.offset, need_s)
+        d_text, d_all_image, ds_t2i = grads(text, all_image, scale, coef, lse_t2i, ctx.offset, need_s)
+        d_image += reduce_scatter_rows(d_all_image, ctx.group)
+        d_text += reduce_scatter_rows(d_all_text, ctx.group)
+        return (d_image.to(image.dtype), d_text.to(text.dtype), ds_i2t + ds_t2i if need_s else None,
+                None, None, None, None)
+
+
 def shutdown_process_group(settle_s: float = 0.05) -> None:
     """Barrier, then ``destroy_process_group``, without gloo aborting the interpreter's exit.
 

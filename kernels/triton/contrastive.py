@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..distributed import all_gather_rows, rank_offset_and_total, reduce_scatter_rows
+from ..distributed import GlobalNegativesLoss, rank_offset_and_total
 from ..reference import MAX_LOGIT_SCALE
 from .common import INTERPRET, dot
 
@@ -441,40 +441,20 @@ def contrastive_loss_triton(image_emb, text_emb, logit_scale, *, tiles=None, chu
 # ----------------------------------------------------------------------------------------------
 # distributed: local rows vs gathered columns
 
-class _DistributedContrastiveLoss(torch.autograd.Function):
-    """Value: the global loss. Gradients: those of this rank's local loss (its rows against every
-    column), with the column gradients summed over ranks into their owners — the data-parallel
-    convention of ``reference.distributed_contrastive_loss``."""
+class _TritonPieces:
+    """The Triton implementation's pieces for :class:`~loctex.kernels.distributed.GlobalNegativesLoss`
+    (its LSEs are in base 2: ``_local_loss`` knows)."""
 
-    @staticmethod
-    def forward(ctx, image, text, scale, group, offset, world, tiles, chunk_rows):
-        import torch.distributed as dist
-        all_image = all_gather_rows(image, group)
-        all_text = all_gather_rows(text, group)
-        lse_i2t, _ = _lse2(image, all_text, scale, True, False, tiles)   # local images vs all captions
-        lse_t2i, _ = _lse2(text, all_image, scale, True, False, tiles)   # local captions vs all images
-        local = _local_loss(lse_i2t, lse_t2i, image, text, scale)
-        total = local.detach().clone()
-        dist.all_reduce(total, group=group)
-        ctx.save_for_backward(image, text, all_image, all_text, scale, lse_i2t, lse_t2i)
-        ctx.group, ctx.offset, ctx.opts = group, offset, (tiles, chunk_rows)
-        return total / world
+    def __init__(self, tiles, chunk_rows):
+        self.opts = (tiles, chunk_rows)
 
-    @staticmethod
-    def backward(ctx, grad):
-        image, text, all_image, all_text, scale, lse_i2t, lse_t2i = ctx.saved_tensors
-        need_s = ctx.needs_input_grad[2]
-        coef = (grad.float() / (2 * image.shape[0])).reshape(1)
-        # rows = local images vs columns = all captions (positives at column i + offset), then
-        # rows = local captions vs all images; the column gradients go back to their owners
-        d_image, d_all_text, ds_i2t = _grads(image, all_text, scale, coef, lse_i2t, None, ctx.offset,
-                                             True, True, need_s, *ctx.opts)
-        d_text, d_all_image, ds_t2i = _grads(text, all_image, scale, coef, lse_t2i, None, ctx.offset,
-                                             True, True, need_s, *ctx.opts)
-        d_image += reduce_scatter_rows(d_all_image, ctx.group)
-        d_text += reduce_scatter_rows(d_all_text, ctx.group)
-        return (d_image.to(image.dtype), d_text.to(text.dtype), ds_i2t + ds_t2i if need_s else None,
-                None, None, None, None, None)
+    def lse(self, rows, cols, scale):
+        return _lse2(rows, cols, scale, True, False, self.opts[0])[0]
+
+    local_loss = staticmethod(_local_loss)
+
+    def grads(self, rows, cols, scale, coef, lse_rows, offset, need_s):
+        return _grads(rows, cols, scale, coef, lse_rows, None, offset, True, True, need_s, *self.opts)
 
 
 def distributed_contrastive_loss_triton(image_emb, text_emb, logit_scale, group=None, *,
@@ -487,4 +467,5 @@ def distributed_contrastive_loss_triton(image_emb, text_emb, logit_scale, group=
     image, text = _prepare(image_emb, text_emb)
     scale = _scale(logit_scale, image.device)
     _, world, offset, _ = rank_offset_and_total(image.shape[0], group)
-    return _DistributedContrastiveLoss.apply(image, text, scale, group, offset, world, tiles, chunk_rows)
+    return GlobalNegativesLoss.apply(image, text, scale, group, offset, world,
+                                     _TritonPieces(tiles, chunk_rows))
