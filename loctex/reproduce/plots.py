@@ -19,20 +19,14 @@ def plot(report: dict, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     lf = st["transfer"]["label_fractions"]
     for b in BACKBONES:
-        cs = [c["transfer"][b][pct(f)] for f in lf]
-        left.errorbar([100 * f for f in lf], [100 * x["mean"] for x in cs],
-                      yerr=[0 if math.isnan(x["sd"]) else 100 * x["sd"] for x in cs],
-                      marker="o", capsize=3, color=COLORS[b], label=LABELS[b])
+        _curve(left, lf, [c["transfer"][b][pct(f)] for f in lf], b)
     left.set_xscale("log")
     left.set_xlabel("target labels (%)")
     left.set_title("target-data efficiency (100% pre-training data)", fontsize=10)
     df = st["pretrain"]["data_fractions"]
     lab = st["transfer"]["pretrain_label_fraction"]
     for b in CAPTIONED:
-        cs = [c["pretraining_data"][b][pct(d)] for d in df]
-        right.errorbar([100 * d for d in df], [100 * x["mean"] for x in cs],
-                       yerr=[0 if math.isnan(x["sd"]) else 100 * x["sd"] for x in cs],
-                       marker="o", capsize=3, color=COLORS[b], label=LABELS[b])
+        _curve(right, df, [c["pretraining_data"][b][pct(d)] for d in df], b)
     for b in ("supervised", "random"):
         right.axhline(100 * c["transfer"][b][pct(lab)]["mean"], ls="--", color=COLORS[b],
                       label=f"{LABELS[b]} (100% images)")
@@ -50,3 +44,10 @@ def plot(report: dict, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _curve(ax, fractions, cells, backbone) -> None:
+    """One backbone's mean ± sd (in %) against fractions (in %)."""
+    ax.errorbar([100 * f for f in fractions], [100 * x["mean"] for x in cells],
+                yerr=[0 if math.isnan(x["sd"]) else 100 * x["sd"] for x in cells],
+                marker="o", capsize=3, color=COLORS[backbone], label=LABELS[backbone])
